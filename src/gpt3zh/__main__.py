@@ -1,0 +1,3 @@
+from gpt3zh.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""The GPT-3 model: plain single-device PyTorch, plus its static KV cache.
+
+Shape letters: B batch, T query length, S cache (key) length, H d_model, N heads, D head_dim,
+F ffn width, V vocab.
+
+Parallelism, compilation, quantization and generation are functions applied to this module
+elsewhere; nothing here knows about them. Two things keep that possible: heads are inferred from
+the local qkv width (`view(B, T, -1, 3, D)`), so a column-sharded qkv just works, and the qkv
+out-features are laid out per head as [N, 3, D] (Megatron's layout), so a contiguous column split
+gives each tensor-parallel rank whole heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GenerationDefaults, GPTConfig
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one layer: (B, N, S, D), written in place at `cache_pos`."""
+
+    def __init__(self, batch: int, max_len: int, n_head: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (B, N, T, D). cache_pos: (T,) shared by all rows, or (B, T) per row.
+        if cache_pos.dim() == 1:
+            self.k.index_copy_(2, cache_pos, k)
+            self.v.index_copy_(2, cache_pos, v)
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+            self.k[rows, :, cache_pos] = k.transpose(1, 2)  # indexed view is (B, T, N, D)
+            self.v[rows, :, cache_pos] = v.transpose(1, 2)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # out features laid out [N, 3, D]
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.attn_dropout = cfg.attn_dropout
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cache_pos: torch.Tensor | None, mask: torch.Tensor | None):
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, -1, 3, self.head_dim)  # (B, T, N, 3, D)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))  # each (B, N, T, D)
+        if self.kv_cache is not None:
+            if cache_pos is None:
+                raise ValueError("a KV cache is set up: pass cache_pos (the cache slots of the input tokens)")
+            k, v = self.kv_cache.update(cache_pos, k, v)  # (B, N, S, D)
+        dropout = self.attn_dropout if self.training else 0.0
+        # ModelScope masks with -10000 on the scores; after softmax that is exactly 0 in fp32 for any
+        # realistic score range, so SDPA's boolean masking gives the same probabilities.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, N*D)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.ffn_dim)
+        self.proj = nn.Linear(cfg.ffn_dim, cfg.d_model)
+        # erf: the single-process ModelScope model's F.gelu. tanh: Megatron's bias_gelu_fusion kernel
+        # (0.79788456 = sqrt(2/pi) rounded; the difference from F.gelu(approximate="tanh") is < 1e-7).
+        self.approximate = "none" if cfg.gelu == "erf" else "tanh"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cache_pos=None, mask=None):
+        x = x + self.drop(self.attn(self.ln_1(x), cache_pos, mask))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
+        self.generation_defaults = GenerationDefaults()
+        self.cache_len = 0
+        if self.tok_emb.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Megatron's from-scratch init: N(0, std); output projections N(0, std / sqrt(2L))."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2.0 * self.config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("ln_f"):
+                nn.init.ones_(p)
+            elif name.endswith("proj.weight"):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def setup_kv_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> None:
+        """Preallocate a static KV cache of `max_len` slots (default: the full context) per layer."""
+        max_len = max_len or self.config.max_seq_len
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"KV cache length {max_len} exceeds max_seq_len={self.config.max_seq_len}")
+        dtype = dtype or self.tok_emb.weight.dtype
+        device = device or self.tok_emb.weight.device
+        for block in self.blocks:
+            attn = block.attn
+            n_local_heads = attn.qkv.weight.shape[0] // (3 * attn.head_dim)
+            attn.kv_cache = KVCache(batch_size, max_len, n_local_heads, attn.head_dim, dtype, device)
+        self.cache_len = max_len
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+        self.cache_len = 0
+
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache_pos: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-layernormed hidden states (B, T, H).
+
+        idx: (B, T) token ids. positions: (T,) or (B, T) position ids (default: cache_pos, else
+        0..T-1). cache_pos: (T,) or (B, T) cache slots to write, required once a KV cache is set up.
+        mask: bool (B or 1, 1, T, S), True = attend; default causal over the slots.
+        """
+        T = idx.shape[1]
+        if positions is None:
+            positions = cache_pos if cache_pos is not None else torch.arange(T, device=idx.device)
+        if self.cache_len and mask is None:
+            mask = _slot_causal_mask(cache_pos, self.cache_len)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, H)
+        for block in self.blocks:
+            x = block(x, cache_pos, mask)
+        return self.ln_f(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.tok_emb.weight)  # tied output: (B, T, V)
+
+    def forward(self, idx, positions=None, cache_pos=None, mask=None) -> torch.Tensor:
+        return self.head(self.hidden(idx, positions, cache_pos, mask))
+
+
+def _slot_causal_mask(cache_pos: torch.Tensor | None, cache_len: int) -> torch.Tensor:
+    if cache_pos is None:
+        raise ValueError("a KV cache is set up: pass cache_pos (the cache slots of the input tokens)")
+    slots = torch.arange(cache_len, device=cache_pos.device)
+    mask = slots <= cache_pos[..., None]  # (T, S) or (B, T, S)
+    return mask[None, None] if mask.dim() == 2 else mask[:, None]
