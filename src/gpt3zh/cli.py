@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from .config import PRESETS, ConfigError, GPTConfig
 
@@ -77,10 +77,109 @@ def _info_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- convert
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="a model directory in any supported format")
+    p.add_argument("dst", help="the output directory (written atomically)")
+    p.add_argument("--to", required=True, choices=["gpt3zh", "modelscope", "megatron", "hf"], help="output format")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel shards (megatron only)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the weights (default: keep)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty DST that is not a model directory")
+
+
+def _convert_run(args: argparse.Namespace) -> int:
+    from .checkpoint import convert, describe
+
+    out = convert(args.src, args.dst, to=args.to, tp=args.tp, overwrite=args.force, dtype=args.dtype)
+    desc = describe(out)
+    shards = f", {desc.extra['tp']} TP shards" if "tp" in desc.extra else ""
+    print(f"wrote {out} ({desc.format}, {desc.extra.get('dtype')}{shards})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- train / eval
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="training config (YAML or JSON); paths inside are relative to the current directory")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.max_steps=20")
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from .training import train
+
+    result = train(args.config, *args.overrides)
+    summary = {"work_dir": str(result.work_dir), "output": str(result.output_dir), "step": result.step,
+               "train_loss": result.train_loss, **{k: v for k, v in result.eval.items() if k != "examples"}}
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (any supported format)")
+    p.add_argument("--data", required=True, help="JSONL / JSON / CSV file with src_txt (and tgt_txt)")
+    p.add_argument(
+        "--metric", action="append", choices=["ppl", "rouge", "bleu"],
+        help="repeatable; default: ppl for continuation data, ppl+rouge+bleu for prompt->target data",
+    )
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's)")
+    p.add_argument("--sequence-length", type=int, default=512, help="truncate rows as training does (default 512)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="greedy generation length for rouge/bleu")
+    p.add_argument("--limit", type=int, help="evaluate the first N rows only")
+    p.add_argument("--remap", action="append", default=[], metavar="FROM=TO", help="rename a data column")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    from .evaluation import run_eval_command
+
+    return run_eval_command(args)
+
+
+# ---------------------------------------------------------------------------------------------- serve
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from .serve.settings import ServeConfig  # light: no FastAPI import until run
+
+    p.add_argument("--model", help="model directory to serve (any supported format; its tokenizer beside it)")
+    p.add_argument("--model-id", help="the name clients pass as `model` (default: the directory name)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the weights (default: keep)")
+    for f in dataclasses.fields(ServeConfig):  # the remaining flags are ServeConfig's fields
+        kind = int if f.type in ("int", "int | None") else str
+        flag = "--" + f.name.replace("_", "-")
+        shown = "" if f.default is None else f" (default: {f.default})"
+        p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + shown)
+
+
+def _serve_run(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from .serve.settings import ServeConfig
+
+    if not args.model:
+        raise CLIError("serve: give --model PATH (a model directory)")
+    config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    from .checkpoint import load_model
+    from .serve import serve
+    from .tokenizer import load_tokenizer
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.model)
+    serve(model, tokenizer, config, args.model_id or Path(args.model).resolve().name)
+    return 0
+
+
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 
 COMMANDS: dict[str, Command] = {
     "info": (_info_args, _info_run, "parameter count, size and format of a preset or model directory"),
+    "convert": (_convert_args, _convert_run, "convert a model directory to another format (gpt3zh, modelscope, megatron, hf)"),
+    "train": (_train_args, _train_run, "fine-tune or train from a YAML/JSON config (KEY=VALUE overrides win)"),
+    "eval": (_eval_args, _eval_run, "perplexity, or greedy ROUGE-L / BLEU-4, of a model on a data file"),
+    "serve": (_serve_args, _serve_run, "OpenAI-compatible HTTP server with continuous batching and a playground"),
 }
 
 

@@ -1,0 +1,122 @@
+"""load_model / save_model / convert / describe: the public entry points of gpt3zh.checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import GenerationDefaults, GPTConfig
+from ..model import GPT
+from . import formats
+from .errors import CheckpointError
+from .files import atomic_output_dir, read_json
+
+PathLike = str | os.PathLike
+
+
+@dataclass(frozen=True)
+class ModelDirInfo:
+    """What `describe` finds in a model directory, without reading the weights."""
+
+    format: str  # "gpt3zh" | "modelscope" | "megatron" | "hf"
+    config: GPTConfig
+    generation: GenerationDefaults
+    extra: dict[str, Any] = field(default_factory=dict)  # dtype, tp (Megatron), tokenizer kind
+
+
+def describe(path: PathLike) -> ModelDirInfo:
+    d = Path(path)
+    fmt = formats.detect(d)
+    cfg, gen = fmt.read_config(d)
+    return ModelDirInfo(fmt.name, cfg, gen, {**fmt.extra(d), "tokenizer": _tokenizer_kind(d)})
+
+
+def _tokenizer_kind(d: Path) -> str:
+    if (d / "tokenizer.json").is_file():
+        return "tokenizer.json (jieba + BPE)"
+    if (d / "vocab.txt").is_file():
+        return "vocab.txt (BERT WordPiece)"
+    return "none"
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise CheckpointError(f"dtype={dtype!r} is not a torch floating dtype (e.g. 'float32', 'bfloat16')")
+    return value
+
+
+def load_model(path: PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> GPT:
+    """Load any supported model directory (format detected) as a GPT in eval mode.
+
+    dtype=None keeps the stored dtype. The model is built on the meta device and the checked
+    tensors are assigned in place, so no memory is spent on a throwaway random init.
+    """
+    d = Path(path)
+    fmt = formats.detect(d)
+    cfg, gen = fmt.read_config(d)
+    sd = fmt.read_weights(d, cfg, _as_dtype(dtype))  # names and shapes checked against cfg
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.generation_defaults = gen
+    return model.to(device).eval()
+
+
+def save_model(
+    model: GPT,
+    out_dir: PathLike,
+    format: str = "gpt3zh",
+    tp: int = 1,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` as a model directory in `format`; tp > 1 only for "megatron".
+
+    tokenizer: an object with .save(dir) (its files go next to the weights). The directory is
+    written to a temp dir and renamed into place, so a failure never damages an existing out_dir.
+    """
+    return _write(model, Path(out_dir), format, tp, overwrite, tokenizer=tokenizer)
+
+
+def convert(
+    src: PathLike,
+    dst: PathLike,
+    to: str = "gpt3zh",
+    tp: int = 1,
+    overwrite: bool = False,
+    dtype: torch.dtype | str | None = None,
+) -> Path:
+    """Convert a model directory to another format, carrying its tokenizer files along.
+
+    A ModelScope source's configuration.json is the base of the written one (pipeline and
+    megatron blocks rewritten as ModelScope's own save_pretrained does).
+    """
+    src = Path(src)
+    model = load_model(src, dtype=dtype)
+    conf = src / "configuration.json"
+    base = read_json(conf, "ModelScope configuration") if conf.is_file() else None
+    copies = [src / name for name in formats.TOKENIZER_FILES if (src / name).is_file()]
+    return _write(model, Path(dst), to, tp, overwrite, base=base, copies=copies)
+
+
+def _write(model, out: Path, format: str, tp: int, overwrite: bool, tokenizer=None, base=None, copies=()) -> Path:
+    if format not in formats.FORMATS:
+        raise CheckpointError(f"unknown format {format!r} (expected one of: {', '.join(formats.FORMATS)})")
+    if tp != 1 and format != "megatron":
+        raise CheckpointError(f"tp={tp}: only the 'megatron' format is written as tensor-parallel shards")
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_output_dir(out, overwrite, formats.is_model_dir) as tmp:
+        formats.FORMATS[format].write(sd, model.config, model.generation_defaults, tmp, tp, base)
+        for path in copies:
+            shutil.copy2(path, tmp / path.name)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return out

@@ -1,0 +1,177 @@
+"""File access for checkpoints: safe pickle loading, safetensors, JSON, atomic output dirs.
+
+Every reader turns low-level failures into a CheckpointError naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import uuid
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import CheckpointError
+
+
+def require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found ({what})")
+    return path
+
+
+def read_json(path: Path, what: str = "config") -> dict[str, Any]:
+    require_file(path, what)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text ({err.reason})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+# -------------------------------------------------------------------------------- pickles (torch.save)
+# DeepSpeed / Megatron shard files keep their launch arguments as an argparse.Namespace next to the
+# weights. Rebuilding a Namespace only sets attributes (no code runs), so it is safe to allow.
+_SAFE_EXTRA_GLOBALS = [argparse.Namespace]
+
+
+def load_torch(path: Path, what: str) -> Any:
+    """torch.load with weights_only=True (a pickle carrying code is refused, never run).
+
+    Zip-format files are memory-mapped, so tensors are read from disk only when used.
+    """
+    require_file(path, what)
+    mmap = zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(_SAFE_EXTRA_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... by case
+        raise _pickle_error(path, err) from None
+
+
+def _pickle_error(path: Path, err: Exception) -> CheckpointError:
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"Unsupported operand \S+", text)
+    if "Weights only load failed" in text or found:
+        culprit = found.group(1) if found and found.groups() else (found.group(0) if found else "non-tensor data")
+        return CheckpointError(
+            f"{path}: refused to load: the pickle references {culprit}, which weights-only loading does not "
+            f"allow (files that carry code are never executed; expected tensors in plain dicts)"
+        )
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return CheckpointError(f"{path}: cannot read: truncated or not a PyTorch checkpoint ({first})")
+
+
+def save_torch(obj: dict[str, Any], path: Path) -> None:
+    """torch.save, cloning views first: a view would otherwise drag its whole base storage along."""
+    torch.save(_own_storage(obj), path)
+
+
+def _own_storage(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _own_storage(v) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor):
+        t = obj.contiguous()
+        return t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+class SafetensorsFile(Mapping):
+    """A lazy {name: tensor} view of a .safetensors file: tensors are read on access."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        from safetensors import safe_open
+
+        require_file(path, what)
+        self.path = path
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+            self._names = list(self._file.keys())
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot read: truncated or not a safetensors file ({err})") from None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(self._file.get_slice(k).get_shape()) for k in self._names}
+
+    def dtype(self) -> str:
+        return self._file.get_slice(self._names[0]).get_dtype() if self._names else "none"
+
+    def metadata(self) -> dict[str, str]:
+        return self._file.metadata() or {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({err})") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    # metadata format=pt: transformers refuses safetensors files without it
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------- atomic output dirs
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool, is_model_dir: Callable[[Path], bool]):
+    """Yield a fresh temp dir next to out_dir; on success it replaces out_dir in one rename.
+
+    On any failure the temp dir is removed and an existing out_dir is left untouched. A non-empty
+    out_dir that is not a model directory is refused unless overwrite=True.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not is_model_dir(out):
+        raise CheckpointError(
+            f"{out}: refusing to overwrite a non-empty directory that is not a model directory "
+            f"(pass overwrite=True, or --force on the command line)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)  # put the previous output back
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,318 @@
+"""The four on-disk formats: how each is detected, read and written.
+
+Every reader returns gpt3zh-named tensors that already passed a name-and-shape check against the
+config, so a wrong file fails here with the file's own key names, not deep inside load_state_dict.
+
+  gpt3zh      config.json {"format": "gpt3zh", "model", "generation"} + model.safetensors
+  modelscope  config.json + pytorch_model.bin (+ configuration.json without a megatron block)
+  megatron    config.json + configuration.json with a megatron block + model/mp_rank_XX_model_states.pt
+  hf          config.json (model_type gpt2) + generation_config.json + model.safetensors
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, GenerationDefaults, GPTConfig
+from . import configs, tables
+from .errors import CheckpointError
+from .files import SafetensorsFile, load_torch, read_json, require_file, save_safetensors, save_torch, write_json
+from .tp import merge_state_dicts, split_state_dict
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: expected tensors only, but these keys hold other values: {', '.join(map(str, bad[:8]))}")
+    return obj
+
+
+def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _why(cfg: GPTConfig, config_path: Path, tp: int = 1) -> str:
+    shards = f", split over {tp} TP shards" if tp > 1 else ""
+    return (
+        f"{config_path.name} says vocab_size={cfg.vocab_size}, d_model={cfg.d_model}, n_layer={cfg.n_layer}, "
+        f"n_head={cfg.n_head}, ffn={cfg.ffn_dim}, max_seq_len={cfg.max_seq_len}{shards}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- gpt3zh
+class Gpt3zhFormat:
+    name = "gpt3zh"
+    weights = "model.safetensors"
+
+    @staticmethod
+    def matches(d: Path, config: dict) -> bool:
+        return config.get("format") == "gpt3zh"
+
+    @classmethod
+    def read_config(cls, d: Path) -> tuple[GPTConfig, GenerationDefaults]:
+        path = d / "config.json"
+        data = read_json(path)
+        for key in ("model", "generation"):
+            if not isinstance(data.get(key), dict):
+                raise CheckpointError(f"{path}: expected an object under {key!r} (a gpt3zh config.json)")
+        try:
+            cfg = GPTConfig.from_dict(data["model"], where=f"{path} [model]")
+            gen = GenerationDefaults.from_dict(data["generation"], where=f"{path} [generation]")
+        except (ConfigError, TypeError) as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        return cfg, gen
+
+    @classmethod
+    def extra(cls, d: Path) -> dict[str, Any]:
+        return {"dtype": _safetensors_dtype(d / cls.weights)}
+
+    @classmethod
+    def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
+        st = SafetensorsFile(d / cls.weights, "model weights")
+        expected = tables.foreign_shapes(tables.GPT3ZH, cfg)
+        tables.check_keys(st.shapes(), expected, str(st.path), _why(cfg, d / "config.json"))
+        return tables.from_foreign(st, tables.GPT3ZH, cfg, dtype)
+
+    @classmethod
+    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None) -> None:
+        write_json(out / "config.json", {"format": "gpt3zh", "model": cfg.to_dict(), "generation": gen.to_dict()})
+        save_safetensors(sd, out / cls.weights)
+
+
+# ----------------------------------------------------------------------------------- ModelScope single
+class ModelScopeFormat:
+    name = "modelscope"
+    weights = "pytorch_model.bin"
+
+    @staticmethod
+    def matches(d: Path, config: dict) -> bool:
+        return True  # the fallback: ModelScope's own rule is "no megatron block -> single-process"
+
+    @classmethod
+    def read_config(cls, d: Path) -> tuple[GPTConfig, GenerationDefaults]:
+        return configs.modelscope_to_config(read_json(d / "config.json"), d / "config.json", megatron=False)
+
+    @classmethod
+    def extra(cls, d: Path) -> dict[str, Any]:
+        return {"dtype": _first_dtype(d / cls.weights)}
+
+    @classmethod
+    def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
+        path = d / cls.weights
+        sd = load_torch(path, "ModelScope weights")
+        if isinstance(sd, dict) and "state_dict" in sd:  # as GPT3Model.from_pretrained unwraps it
+            sd = sd["state_dict"]
+        sd = _tensor_dict(sd, path)
+        # GPT3Model.from_pretrained renames model.language_model -> language_model (trainer output)
+        sd = {k.removeprefix("model.") if k.startswith("model.language_model.") else k: v for k, v in sd.items()}
+        tables.check_keys(_shapes(sd), tables.foreign_shapes(tables.MODELSCOPE, cfg), str(path), _why(cfg, d / "config.json"))
+        return tables.from_foreign(sd, tables.MODELSCOPE, cfg, dtype)
+
+    @classmethod
+    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None) -> None:
+        configs.check_single_process_compatible(cfg)
+        dtype = _dtype_name(next(iter(sd.values())).dtype)
+        write_json(out / "config.json", configs.config_to_modelscope(cfg, gen, megatron=False, dtype=dtype))
+        write_json(out / "configuration.json", configs.single_configuration(base))
+        save_torch(tables.to_foreign(sd, tables.MODELSCOPE, cfg), out / cls.weights)
+
+
+# --------------------------------------------------------------------------------------------- Megatron
+_SHARD = re.compile(r"mp_rank_(\d{2})_model_states\.pt")
+
+
+def _shard_name(rank: int) -> str:
+    return f"mp_rank_{rank:02d}_model_states.pt"
+
+
+class MegatronFormat:
+    name = "megatron"
+
+    @staticmethod
+    def matches(d: Path, config: dict) -> bool:
+        conf = d / "configuration.json"
+        return conf.is_file() and "megatron" in read_json(conf, "ModelScope configuration")
+
+    @classmethod
+    def read_config(cls, d: Path) -> tuple[GPTConfig, GenerationDefaults]:
+        return configs.modelscope_to_config(read_json(d / "config.json"), d / "config.json", megatron=True)
+
+    @classmethod
+    def extra(cls, d: Path) -> dict[str, Any]:
+        shards = cls.shard_paths(d)
+        flags = read_json(d / "config.json")
+        extra = {"tp": len(shards), "dtype": _first_dtype(shards[0])}
+        if flags.get("fp16") or flags.get("bf16"):  # ModelScope would cast the whole model to this
+            extra["runtime_dtype"] = "float16" if flags.get("fp16") else "bfloat16"
+        return extra
+
+    @staticmethod
+    def shard_paths(d: Path) -> list[Path]:
+        """model/mp_rank_00.. in rank order; a gap (00 and 02 but no 01) is an error."""
+        model_dir = d / "model"
+        ranks = sorted(int(m.group(1)) for p in model_dir.glob("mp_rank_*") if (m := _SHARD.fullmatch(p.name)))
+        if not ranks:
+            raise CheckpointError(f"{model_dir}: no tensor-parallel shards found (expected {_shard_name(0)}, ...)")
+        missing = [r for r in range(ranks[-1] + 1) if r not in ranks]
+        if missing:
+            raise CheckpointError(
+                f"{model_dir}: shard {_shard_name(missing[0])} is missing: found ranks "
+                f"{', '.join(f'{r:02d}' for r in ranks)}, expected 00..{ranks[-1]:02d} with no gap"
+            )
+        return [model_dir / _shard_name(r) for r in ranks]
+
+    @classmethod
+    def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
+        paths = cls.shard_paths(d)
+        tp = len(paths)
+        _check_tp(cfg, tp, f"{d / 'model'}: {tp} shards")
+        expected = tables.foreign_shapes(tables.MEGATRON, cfg, tp)
+        shards = []
+        for path in paths:  # memory-mapped: a shard's tensors are read only when merged
+            obj = load_torch(path, "Megatron tensor-parallel shard")
+            sd = _tensor_dict(obj["module"] if isinstance(obj, dict) and "module" in obj else obj, path)
+            tables.check_keys(_shapes(sd), expected, str(path), _why(cfg, d / "config.json", tp))
+            shards.append(sd)
+        return tables.from_foreign(merge_state_dicts(shards), tables.MEGATRON, cfg, dtype)
+
+    @classmethod
+    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None) -> None:
+        _check_tp(cfg, tp, f"tp={tp}")
+        dtype = _dtype_name(next(iter(sd.values())).dtype)
+        write_json(out / "config.json", configs.config_to_modelscope(cfg, gen, megatron=True, dtype=dtype))
+        write_json(out / "configuration.json", configs.megatron_configuration(base, tp))
+        (out / "model").mkdir()
+        megatron_sd = tables.to_foreign(sd, tables.MEGATRON, cfg)
+        for rank, shard in enumerate(split_state_dict(megatron_sd, tp, n_head=cfg.n_head)):
+            save_torch({"module": shard}, out / "model" / _shard_name(rank))
+
+
+def _check_tp(cfg: GPTConfig, tp: int, what: str) -> None:
+    for name, size in (("n_head", cfg.n_head), ("vocab_size", cfg.vocab_size), ("ffn width", cfg.ffn_dim)):
+        if size % tp:
+            raise CheckpointError(f"{what}: tensor parallelism {tp} does not divide {name}={size}")
+
+
+# --------------------------------------------------------------------------------------- HF GPT-2
+_HF_IGNORED = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")  # causal-mask buffers of old GPT-2 files
+
+
+class HFFormat:
+    name = "hf"
+    weights = "model.safetensors"
+
+    @staticmethod
+    def matches(d: Path, config: dict) -> bool:
+        return config.get("model_type") == "gpt2"
+
+    @classmethod
+    def read_config(cls, d: Path) -> tuple[GPTConfig, GenerationDefaults]:
+        gen_path = d / "generation_config.json"
+        gen_d = read_json(gen_path) if gen_path.is_file() else {}
+        return configs.hf_to_config(read_json(d / "config.json"), gen_d, d / "config.json")
+
+    @classmethod
+    def extra(cls, d: Path) -> dict[str, Any]:
+        path = cls.weights_path(d)
+        return {"dtype": _safetensors_dtype(path) if path.suffix == ".safetensors" else _first_dtype(path)}
+
+    @classmethod
+    def weights_path(cls, d: Path) -> Path:
+        for name in (cls.weights, "pytorch_model.bin"):
+            if (d / name).is_file():
+                return d / name
+        raise CheckpointError(f"{d}: no HF weights file found (expected {cls.weights} or pytorch_model.bin)")
+
+    @classmethod
+    def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
+        path = cls.weights_path(d)
+        if path.suffix == ".safetensors":
+            src = SafetensorsFile(path, "HF weights")
+            shapes = src.shapes()
+        else:
+            src = _tensor_dict(load_torch(path, "HF weights"), path)
+            shapes = _shapes(src)
+        keys = [k for k in src if not _HF_IGNORED.match(k) and k != "lm_head.weight"]
+        # GPT2Model files (no LM head) name their tensors without the "transformer." prefix
+        prefix = "" if any(k.startswith("transformer.") for k in keys) else "transformer."
+        renamed = _Renamed(src, {prefix + k: k for k in keys})
+        found = {new: shapes[old] for new, old in renamed.names.items()}
+        tables.check_keys(found, tables.foreign_shapes(tables.HF, cfg), str(path), _why(cfg, d / "config.json"))
+        if "lm_head.weight" in shapes and not torch.equal(src["lm_head.weight"], renamed["transformer.wte.weight"]):
+            raise CheckpointError(f"{path}: lm_head.weight differs from transformer.wte.weight; gpt3zh needs a tied output head")
+        return tables.from_foreign(renamed, tables.HF, cfg, dtype)
+
+    @classmethod
+    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None) -> None:
+        config, generation = configs.config_to_hf(cfg, gen, _dtype_name(next(iter(sd.values())).dtype))
+        write_json(out / "config.json", config)
+        write_json(out / "generation_config.json", generation)
+        save_safetensors(tables.to_foreign(sd, tables.HF, cfg), out / cls.weights)  # tied head not stored
+
+
+class _Renamed(Mapping):
+    """A lazy {new name: tensor} view of a tensor mapping whose keys are renamed."""
+
+    def __init__(self, src: Mapping, names: dict[str, str]) -> None:
+        self.src, self.names = src, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.src[self.names[name]]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _safetensors_dtype(path: Path) -> str:
+    dtype = SafetensorsFile(path, "weights").dtype()
+    return _SAFETENSORS_DTYPES.get(dtype, dtype)
+
+
+def _first_dtype(path: Path) -> str:
+    """dtype of the first tensor in a torch file (memory-mapped, so nothing big is read)."""
+    obj = load_torch(require_file(path, "weights"), "weights")
+    for key in ("module", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    t = next((v for v in obj.values() if isinstance(v, torch.Tensor)), None) if isinstance(obj, dict) else None
+    return _dtype_name(t.dtype) if t is not None else "unknown"
+
+
+# Detection order: explicit markers first (our format tag, HF's model_type), then ModelScope's rule.
+FORMATS = {f.name: f for f in (Gpt3zhFormat, HFFormat, MegatronFormat, ModelScopeFormat)}
+
+
+def detect(d: Path):
+    if not d.exists():
+        raise CheckpointError(f"{d}: no such model directory")
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: expected a model directory, got a file")
+    config = read_json(d / "config.json", "model config")
+    return next(f for f in FORMATS.values() if f.matches(d, config))
+
+
+def is_model_dir(d: Path) -> bool:
+    try:
+        detect(d)
+        return True
+    except CheckpointError:
+        return False
