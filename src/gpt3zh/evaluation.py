@@ -1,0 +1,144 @@
+"""`gpt3zh eval`: perplexity on continuation data, greedy generation + ROUGE-L / BLEU-4 on
+prompt->target data. The trainer's periodic evaluation calls the same functions.
+
+Reported numbers: `loss` = mean NLL (nats) per trained token (as training counts them: all real
+tokens and <sep> for continuation, target tokens and <sep> for prompt->target), `ppl` = exp(loss),
+`tokens`, `chars` (characters of the scored text, so `bits_per_char` compares across
+tokenizers), and `ppl_modelscope`, ModelScope's unmasked definition (spec §8.3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+from typing import Any
+
+import torch
+
+from .training.data import SRC, TGT, TokenRows, collate, detect_mode, read_rows, tokenize_rows
+from .training.metrics import BleuStats, PPLAccumulator, rouge_l
+
+
+@torch.no_grad()
+def evaluate_ppl(
+    model,
+    data: TokenRows,
+    batch_size: int,
+    device,
+    pad_to: int | None = None,
+    max_rows: int | None = None,
+    autocast=contextlib.nullcontext,
+) -> dict[str, Any]:
+    """Masked loss / ppl over trained tokens; with pad_to (= sequence_length - 1) also ModelScope's
+    unmasked ppl, which needs the rows padded exactly as ModelScope pads them."""
+    n = len(data) if max_rows is None else min(max_rows, len(data))
+    acc = PPLAccumulator()
+    for i in range(0, n, batch_size):
+        batch = collate(data, range(i, min(i + batch_size, n)), pad_to=pad_to).to(device)
+        with autocast():
+            logits = model(batch.tokens)  # (B, T, V)
+        acc.update(logits, batch.labels, batch.mask, modelscope=pad_to is not None)
+    out = acc.result()
+    chars = int(data.chars[:n].sum())
+    out["chars"] = chars
+    out["bits_per_char"] = out["loss"] * out["tokens"] / (math.log(2) * chars) if chars else float("nan")
+    out["rows"] = n
+    out["truncated_rows"] = int(data.truncated) if n == len(data) else None
+    return out
+
+
+@torch.no_grad()
+def evaluate_generation(
+    model, tok, rows: list[dict], data: TokenRows, max_new_tokens: int, batch_size: int,
+    max_rows: int | None = None,
+) -> dict[str, Any]:
+    """Greedy continuation of each prompt, cut at <sep>, scored against tgt_txt (characters)."""
+    from .generation import generate
+
+    n = len(rows) if max_rows is None else min(max_rows, len(rows))
+    preds = []
+    for i in range(0, n, batch_size):
+        idx = range(i, min(i + batch_size, n))
+        # the prompt as ModelScope feeds it: the row's first prompts_len tokens (start + 1)
+        prompts = [data.row(j)[: int(data.starts[j]) + 1].tolist() for j in idx]
+        outs = generate(model, prompts, max_new_tokens=max_new_tokens, eos_token_id=tok.sep_id)
+        for p, o in zip(prompts, outs):
+            new = o[len(p) :]
+            if tok.sep_id in new:
+                new = new[: new.index(tok.sep_id)]
+            preds.append(tok.decode(new))
+    refs = [rows[j][TGT] for j in range(n)]
+    stats = BleuStats()
+    for p, r in zip(preds, refs):
+        stats.add(p, r)
+    scores = [rouge_l(p, r) for p, r in zip(preds, refs)]
+    return {
+        "rouge_l": sum(scores) / len(scores) if scores else 0.0,
+        "bleu4": stats.score(),
+        "examples": [{"src": rows[j][SRC][:80], "pred": preds[j], "ref": refs[j]} for j in range(min(n, 3))],
+    }
+
+
+def run_eval(
+    model_path: str,
+    data_path: str,
+    metrics: list[str] | None = None,
+    tokenizer: str | None = None,
+    sequence_length: int = 512,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    max_rows: int | None = None,
+    remap_columns: dict[str, str] | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    from .checkpoint import load_model
+    from .config import ConfigError
+    from .tokenizer import load_tokenizer
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    rows = read_rows(data_path, remap_columns)
+    mode = detect_mode(rows, data_path)
+    metrics = metrics or (["ppl"] if mode == "continuation" else ["ppl", "rouge", "bleu"])
+    if {"rouge", "bleu"} & set(metrics) and mode != "prompt":
+        raise ConfigError(f"--metric rouge/bleu needs prompt->target data ({TGT} column) in {data_path}")
+    model = load_model(model_path).to(dev).eval()
+    if sequence_length > model.config.max_seq_len:
+        raise ConfigError(
+            f"--sequence-length {sequence_length} exceeds the model's context {model.config.max_seq_len}"
+        )
+    tok = load_tokenizer(tokenizer or model_path)
+    data = tokenize_rows(rows, tok, sequence_length, mode)
+    out: dict[str, Any] = {"model": str(model_path), "data": str(data_path), "mode": mode}
+    out.update(evaluate_ppl(model, data, batch_size, dev, pad_to=sequence_length - 1, max_rows=max_rows))
+    if {"rouge", "bleu"} & set(metrics):
+        out.update(evaluate_generation(model, tok, rows, data, max_new_tokens, batch_size, max_rows))
+    return out
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def run_eval_command(args: argparse.Namespace) -> int:
+    remap = {}
+    for item in args.remap:
+        src, sep, dst = item.partition("=")
+        if not sep:
+            raise ValueError(f"--remap {item!r}: expected FROM=TO, e.g. text1=src_txt")
+        remap[src] = dst
+    for name in ("sequence_length", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    result = run_eval(
+        args.model, args.data, args.metric, args.tokenizer, args.sequence_length, args.batch_size,
+        args.max_new_tokens, args.limit, remap, args.device,
+    )
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return 0
+    for key in ("mode", "rows", "tokens", "chars", "loss", "ppl", "bits_per_char", "ppl_modelscope", "rouge_l", "bleu4"):
+        if key in result:
+            value = result[key]
+            print(f"{key:<15} {value:.4f}" if isinstance(value, float) else f"{key:<15} {value}")
+    for ex in result.get("examples", []):
+        print(f"  pred: {ex['pred']!r}\n  ref:  {ex['ref']!r}")
+    return 0

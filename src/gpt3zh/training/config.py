@@ -1,0 +1,487 @@
+"""Typed training configuration: nested dataclasses, YAML/JSON loading, dotted overrides.
+
+Field names follow ModelScope's GPT-3 fine-tuning configs (`train.dataloader.batch_size_per_gpu`,
+`train.optimizer.options.grad_clip.max_norm`, `evaluation.metrics`, `preprocessor.sequence_length`,
+`megatron.*`), so a ModelScope example's settings carry over. Precedence: command line (dotted
+`key=value`) > config file > the defaults below. An unknown key is an error that names its full
+dotted path and suggests the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from ..config import ConfigError, GPTConfig
+
+Precision = Literal["fp32", "bf16", "fp16"]
+SchedulerType = Literal["noam", "cosine", "constant"]
+Metric = Literal["ppl", "rouge", "bleu"]
+# gpt3zh.checkpoint's formats; "modelscope" is the single-process layout, "megatron" the 1.3B+ one
+EXPORT_FORMATS = ("gpt3zh", "modelscope", "megatron", "hf")
+
+
+@dataclass
+class GradClip:
+    max_norm: float | None = 1.0  # None disables clipping
+
+
+@dataclass
+class OptimizerOptions:
+    grad_clip: GradClip = field(default_factory=GradClip)
+
+
+@dataclass
+class OptimizerConfig:
+    type: Literal["AdamW"] = "AdamW"
+    lr: float = 1e-4
+    weight_decay: float = 0.01  # never applied to biases, norms or embeddings
+    betas: tuple[float, float] = (0.9, 0.999)  # torch / ModelScope AdamW defaults
+    eps: float = 1e-8
+    options: OptimizerOptions = field(default_factory=OptimizerOptions)
+
+
+@dataclass
+class SchedulerOptions:
+    by_epoch: bool = False  # ModelScope's examples set False; only per-step schedules exist here
+
+
+@dataclass
+class LRSchedulerConfig:
+    # noam: the model cards' lr * min((s+1)^-0.5, (s+1) * warmup^-1.5) (peak lr * warmup^-0.5);
+    # cosine: linear warmup to lr, cosine decay to lr * min_lr_ratio at the last step.
+    type: SchedulerType = "noam"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    options: SchedulerOptions = field(default_factory=SchedulerOptions)
+
+
+@dataclass
+class DataLoaderConfig:
+    batch_size_per_gpu: int = 8
+    # Accepted for ModelScope configs. Batches are cut from the in-memory token cache in the
+    # training process (collation is a copy), so worker processes would add nothing.
+    workers_per_gpu: int = 0
+    shuffle: bool = True
+
+
+@dataclass
+class TrainSection:
+    work_dir: str = "work_dir"
+    max_epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; when set it wins over max_epochs
+    dataloader: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    gradient_accumulation_steps: int = 1
+    precision: Precision = "fp32"  # bf16 / fp16: autocast; fp16 adds dynamic loss scaling
+    # "bf16": keep parameters and gradients in bf16 with fp32 AdamW moments and stochastically
+    # rounded updates (the memory-lean setup for a 1.3B full fine-tune on one GPU).
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: bool = False
+    seed: int = 42
+    save_interval: int | None = None  # steps; None -> at each epoch end
+    eval_interval: int | None = None  # steps; None -> at each epoch end
+    log_interval: int = 10  # steps between TensorBoard scalar writes
+    keep_last: int = 2  # step checkpoints kept (the best by eval PPL is kept in addition)
+    resume: bool | str = False  # true: latest checkpoint in work_dir; a path: that checkpoint
+    # work_dir/output (gpt3zh) and work_dir/output_<format> for each other checkpoint format
+    export_formats: list[str] = field(default_factory=lambda: ["gpt3zh"])
+    device: str = "auto"  # auto -> cuda when available, else cpu
+    bucket_by_length: bool = True  # batch rows of similar length so little compute goes to padding
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalDataLoaderConfig:
+    batch_size_per_gpu: int = 8
+    workers_per_gpu: int = 0
+    shuffle: bool = False
+
+
+@dataclass
+class EvaluationSection:
+    metrics: list[Metric] = field(default_factory=lambda: ["ppl"])
+    dataloader: EvalDataLoaderConfig = field(default_factory=EvalDataLoaderConfig)
+    max_new_tokens: int = 64  # greedy generation length for rouge / bleu
+    max_examples: int | None = None  # evaluate on the first N rows only
+
+
+@dataclass
+class PreprocessorSection:
+    sequence_length: int = 128  # ModelScope's TextGenerationJiebaPreprocessor default
+    type: str | None = None  # ModelScope's preprocessor name; accepted and ignored
+
+
+@dataclass
+class DatasetSection:
+    train: str | None = None
+    eval: str | None = None
+    # {file column: our column}, e.g. {text1: src_txt, text2: tgt_txt} as ModelScope's examples.
+    remap_columns: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class MegatronSection:
+    """Parallel layout (read by the distributed trainer; validated here)."""
+
+    world_size: int = 1
+    tensor_model_parallel_size: int = 1
+    checkpoint_tensor_model_parallel_size: int | None = None
+
+
+@dataclass
+class ModelSection:
+    """Either a model directory to fine-tune (`path`) or a preset to train from scratch."""
+
+    path: str | None = None
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields for a preset
+
+    def gpt_config(self) -> GPTConfig:
+        if self.preset is None:
+            raise ConfigError("model: gpt_config() is only defined for a preset")
+        return GPTConfig.from_preset(self.preset, **self.overrides)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: str | None = None  # default: the model directory's tokenizer
+    dataset: DatasetSection = field(default_factory=DatasetSection)
+    preprocessor: PreprocessorSection = field(default_factory=PreprocessorSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    megatron: MegatronSection = field(default_factory=MegatronSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train"]["optimizer"]["betas"] = list(self.train.optimizer.betas)
+        return d
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_config(source: str | Path | dict | TrainConfig | None = None, overrides: Any = ()) -> TrainConfig:
+    """Build a validated TrainConfig from a YAML/JSON path, a dict or a TrainConfig.
+
+    overrides: dotted `key=value` strings (values parsed as YAML), or a dict of dotted keys /
+    nested dicts. They win over the file.
+    """
+    if isinstance(source, TrainConfig):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = _deep_copy(source)
+    elif source is None:
+        data = {}
+    else:
+        data = read_config_file(Path(source))
+    for key, value in _override_items(overrides):
+        _set_dotted(data, key, value)
+    cfg = _build(TrainConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot parse config: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.max_steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep the literal string
+    return key.strip(), value
+
+
+def _override_items(overrides: Any):
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            if isinstance(value, dict) and key in _SECTION_KEYS:
+                for sub_key, sub_value in _flatten(value, key):
+                    yield sub_key, sub_value
+            else:
+                yield key, value
+    else:
+        for item in overrides:
+            yield parse_override(item)
+
+
+def _flatten(d: dict, prefix: str):
+    for key, value in d.items():
+        full = f"{prefix}.{key}"
+        if isinstance(value, dict) and _field_type_at(full) is not None and _is_dataclass_path(full):
+            yield from _flatten(value, full)
+        else:
+            yield full, value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if _field_type_at(key) is None and not _inside_free_dict(parts):
+        raise ConfigError(f"unknown config key {key!r}{_suggest(key, valid_keys())}")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and part == "model" and i == 0:
+            child = {"path": child}  # `model: DIR` then `model.preset=...`: switch to the mapping form
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _inside_free_dict(parts: list[str]) -> bool:
+    """model.<GPTConfig field> and dataset.remap_columns.<column> are open mappings."""
+    if parts[0] == "model" and len(parts) == 2:
+        return parts[1] in {f.name for f in dataclasses.fields(GPTConfig)}
+    return parts[:2] == ["dataset", "remap_columns"] and len(parts) == 3
+
+
+# ------------------------------------------------------------------------------ typed construction
+def _build(cls: type, data: Any, where: str) -> Any:
+    if cls is ModelSection:
+        return _build_model_section(data, where)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}{_suggest(path, valid_keys())}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _build_model_section(data: Any, where: str) -> ModelSection:
+    if data is None:
+        return ModelSection()
+    if isinstance(data, str):
+        return ModelSection(path=data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a model directory or {{preset: NAME, ...}}, got {data!r}")
+    data = dict(data)
+    path, preset = data.pop("path", None), data.pop("preset", None)
+    overrides = dict(data.pop("overrides", None) or {})
+    overrides.update(data)  # `{preset: 1.3B, n_layer: 2}` is shorthand for overrides
+    if path is not None and preset is not None:
+        raise ConfigError(f"{where}: give either path (fine-tune) or preset (from scratch), not both")
+    if path is not None and overrides:
+        raise ConfigError(
+            f"{where}: architecture overrides {sorted(overrides)} only apply to a preset; "
+            f"a model directory keeps its own config"
+        )
+    section = ModelSection(path=_coerce(str | None, path, f"{where}.path"), preset=preset)
+    if preset is not None:
+        section.overrides = overrides
+        section.gpt_config()  # unknown preset / field -> ConfigError naming it
+    return section
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arm, value, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, {} if value is None else value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `metrics: ppl` is a one-item list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): (_coerce(args[1], v, f"{path}.{k}") if args[1] is not Any else v) for k, v in value.items()}
+    return _coerce_scalar(tp, value, path)
+
+
+def _coerce_scalar(tp: Any, value: Any, path: str) -> Any:
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return tp.__name__
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    return str(tp)
+
+
+# --------------------------------------------------------------------------------- key discovery
+_SECTION_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _walk(cls: type, prefix: str):
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        yield path
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _walk(tp, path + ".")
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a config accepts (GPTConfig fields under model.* for a preset)."""
+    keys = list(_walk(TrainConfig, ""))
+    keys += [f"model.{f.name}" for f in dataclasses.fields(GPTConfig)]
+    return keys
+
+
+def _field_type_at(key: str) -> Any:
+    cls: Any = TrainConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
+def _is_dataclass_path(key: str) -> bool:
+    return dataclasses.is_dataclass(_field_type_at(key))
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    if not close:  # compare the last component alone: `train.max_step` -> `train.max_steps`
+        last = key.rsplit(".", 1)[-1]
+        tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
+        close = [tails[c] for c in difflib.get_close_matches(last, list(tails), n=1, cutoff=0.6)]
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+# ------------------------------------------------------------------------------------ validation
+def validate(cfg: TrainConfig) -> None:
+    """Value checks that need no files (file checks happen in the trainer before step 1)."""
+    t = cfg.train
+    _positive(t.max_epochs, "train.max_epochs")
+    _positive(t.gradient_accumulation_steps, "train.gradient_accumulation_steps")
+    _positive(t.dataloader.batch_size_per_gpu, "train.dataloader.batch_size_per_gpu")
+    _positive(cfg.evaluation.dataloader.batch_size_per_gpu, "evaluation.dataloader.batch_size_per_gpu")
+    _positive(cfg.evaluation.max_new_tokens, "evaluation.max_new_tokens")
+    _positive(t.log_interval, "train.log_interval")
+    for name in ("max_steps", "save_interval", "eval_interval"):
+        if getattr(t, name) is not None:
+            _positive(getattr(t, name), f"train.{name}")
+    if t.keep_last < 1:
+        raise ConfigError(f"train.keep_last must be >= 1, got {t.keep_last}")
+    if cfg.preprocessor.sequence_length < 2:
+        raise ConfigError(f"preprocessor.sequence_length must be >= 2, got {cfg.preprocessor.sequence_length}")
+    if not t.optimizer.lr > 0:
+        raise ConfigError(f"train.optimizer.lr must be > 0, got {t.optimizer.lr}")
+    if t.optimizer.weight_decay < 0:
+        raise ConfigError(f"train.optimizer.weight_decay must be >= 0, got {t.optimizer.weight_decay}")
+    clip = t.optimizer.options.grad_clip.max_norm
+    if clip is not None and not clip > 0:
+        raise ConfigError(f"train.optimizer.options.grad_clip.max_norm must be > 0 or null, got {clip}")
+    if t.lr_scheduler.options.by_epoch:
+        raise ConfigError("train.lr_scheduler.options.by_epoch: only per-step schedules exist; set it to false")
+    if t.lr_scheduler.warmup_steps < 0 or (t.lr_scheduler.type == "noam" and t.lr_scheduler.warmup_steps < 1):
+        raise ConfigError(f"train.lr_scheduler.warmup_steps must be >= 1 for noam, >= 0 otherwise")
+    if not 0.0 <= t.lr_scheduler.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.lr_scheduler.min_lr_ratio must be in [0, 1], got {t.lr_scheduler.min_lr_ratio}")
+    if t.param_dtype == "bf16" and t.precision != "bf16":
+        raise ConfigError("train.param_dtype=bf16 needs train.precision=bf16")
+    for fmt in t.export_formats:
+        if fmt not in EXPORT_FORMATS:
+            raise ConfigError(f"train.export_formats: unknown format {fmt!r} (valid: {', '.join(EXPORT_FORMATS)})")
+    if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
+        raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
+    if cfg.model.path is None and cfg.model.preset is None:
+        raise ConfigError("model: give a model directory (model: DIR) or a preset (model: {preset: NAME})")
+    if cfg.model.preset is not None and cfg.tokenizer is None:
+        raise ConfigError("tokenizer: a model built from a preset has no tokenizer; set tokenizer: PATH")
+    if cfg.dataset.train is None:
+        raise ConfigError("dataset.train: no training data file given")
+    _validate_megatron(cfg.megatron)
+
+
+def _validate_megatron(m: MegatronSection) -> None:
+    _positive(m.world_size, "megatron.world_size")
+    _positive(m.tensor_model_parallel_size, "megatron.tensor_model_parallel_size")
+    if m.world_size % m.tensor_model_parallel_size:
+        raise ConfigError(
+            f"megatron.world_size={m.world_size} is not divisible by "
+            f"tensor_model_parallel_size={m.tensor_model_parallel_size}"
+        )
+    if m.checkpoint_tensor_model_parallel_size is not None:
+        _positive(m.checkpoint_tensor_model_parallel_size, "megatron.checkpoint_tensor_model_parallel_size")
+
+
+def _positive(value: int, name: str) -> None:
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")

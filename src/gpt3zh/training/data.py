@@ -1,0 +1,305 @@
+"""Training data: rows from JSONL / JSON / CSV / a saved `datasets` dir -> token rows -> batches.
+
+ModelScope's preprocessing (TextGenerationJiebaPreprocessor, spec §8.1-8.2), kept exactly:
+- continuation (only `src_txt`): t = tok(src) + [<sep>], truncated to sequence_length L;
+  inputs t[:-1], labels t[1:]; every real label is trained (tokens 2..n and <sep>).
+- prompt -> target (`src_txt` + `tgt_txt`): t = tok(src) + tok(tgt) + [<sep>], truncated to L;
+  labels trained on positions [prompts_len - 1, inputs_len - 1): the target tokens and <sep>.
+Padding is never trained. Where ModelScope pads every row to L, batches here are padded only to
+their longest row, and rows of similar length are batched together (`bucket_by_length`), so
+little compute goes to padding (benchmarks/train_padding.py measures it).
+
+A row is stored as its token ids t (n <= L) and `start`, its first trained label position.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..config import ConfigError
+
+SRC, TGT = "src_txt", "tgt_txt"
+PAD_ID = 0  # ModelScope pads inputs and labels with 0; padding is masked out of the loss
+CACHE_VERSION = 1
+
+
+class DataError(ConfigError):
+    """A data file is unreadable or does not have the expected columns."""
+
+
+# --------------------------------------------------------------------------------------- reading
+def read_rows(path: str | Path, remap_columns: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Rows of a .jsonl / .json / .csv file or a saved `datasets` directory, columns renamed."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.is_dir():
+        rows = _read_datasets_dir(path)
+    elif path.suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    elif path.suffix == ".json":
+        rows = _read_json(path)
+    elif path.suffix == ".csv":
+        rows = _read_csv(path)
+    else:
+        raise DataError(f"{path}: unknown data format {path.suffix!r} (expected .jsonl, .json, .csv or a datasets dir)")
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    if remap_columns:
+        rows = [{remap_columns.get(k, k): v for k, v in row.items()} for row in rows]
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} line {err.lineno}: malformed JSON ({err.msg})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
+    return data
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _read_datasets_dir(path: Path) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{path} is a directory: reading a saved `datasets` dataset needs the `datasets` package "
+            f"(pip install datasets), or export it to JSONL"
+        ) from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; point at one split's directory")
+    return ds.to_list()
+
+
+def detect_mode(rows: list[dict[str, Any]], where: str) -> str:
+    """'prompt' when the rows have tgt_txt, 'continuation' when only src_txt; checks every row."""
+    mode = "prompt" if TGT in rows[0] else "continuation"
+    for i, row in enumerate(rows, 1):
+        for col in (SRC, TGT) if mode == "prompt" else (SRC,):
+            if col not in row:
+                raise DataError(
+                    f"{where}: row {i} has no column {col!r} (columns: {', '.join(map(str, row))}); "
+                    f"rename one with dataset.remap_columns, e.g. {{text1: {col}}}"
+                )
+            if not isinstance(row[col], str):
+                raise DataError(f"{where}: row {i} column {col!r} must be a string, got {type(row[col]).__name__}")
+    return mode
+
+
+# ------------------------------------------------------------------------------------ tokenizing
+@dataclass
+class TokenRows:
+    """Ragged token rows in flat arrays: row i is ids[offsets[i]:offsets[i+1]]."""
+
+    ids: np.ndarray  # (N,) int32
+    offsets: np.ndarray  # (R+1,) int64
+    starts: np.ndarray  # (R,) int64, first trained label position of each row
+    chars: np.ndarray  # (R,) int64, characters of the trained text (src, or tgt in prompt mode)
+    mode: str
+    truncated: int  # rows cut at sequence_length
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def trained_tokens(self) -> np.ndarray:
+        """Trained label positions per row: [start, n - 1)."""
+        return np.maximum(self.lengths - 1 - self.starts, 0)
+
+
+def tokenize_rows(rows: list[dict[str, Any]], tok, sequence_length: int, mode: str) -> TokenRows:
+    src = _encode_all(tok, [r[SRC] for r in rows])
+    tgt = _encode_all(tok, [r[TGT] for r in rows]) if mode == "prompt" else None
+    sep = tok.sep_id
+    seqs, starts, chars, truncated = [], [], [], 0
+    for i, s in enumerate(src):
+        t = s + (tgt[i] if tgt is not None else []) + [sep]
+        truncated += len(t) > sequence_length
+        t = t[:sequence_length]
+        prompts_len = min(len(s), sequence_length)
+        # §8.2: prompt mode trains [prompts_len - 1, inputs_len - 1); continuation trains all labels.
+        starts.append(max(prompts_len - 1, 0) if mode == "prompt" else 0)
+        chars.append(len(rows[i][TGT] if mode == "prompt" else rows[i][SRC]))
+        seqs.append(t)
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(t) for t in seqs])
+    ids = np.fromiter((x for t in seqs for x in t), dtype=np.int32, count=int(offsets[-1]))
+    return TokenRows(ids, offsets, np.array(starts, np.int64), np.array(chars, np.int64), mode, truncated)
+
+
+def _encode_all(tok, texts: list[str]) -> list[list[int]]:
+    if hasattr(tok, "encode_batch"):
+        return [list(ids) for ids in tok.encode_batch(texts)]
+    return [list(tok.encode(t)) for t in texts]
+
+
+# ---------------------------------------------------------------------------------------- caching
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, or of every file under a directory (names and bytes)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tok, source: str | Path | None = None) -> str:
+    """Identity of a tokenizer: its files when known, plus its ids on a probe text."""
+    h = hashlib.sha256(type(tok).__name__.encode())
+    if source is not None:
+        src = Path(source)
+        names = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+        files = [src] if src.is_file() else [src / n for n in names if (src / n).is_file()]
+        for p in files:
+            h.update(file_digest(p).encode())
+    probe = "床前明月光，疑是地上霜。The quick brown fox 123 <sep>\n"
+    h.update(json.dumps([tok.vocab_size, tok.sep_id, list(tok.encode(probe))]).encode())
+    return h.hexdigest()
+
+
+def load_token_rows(
+    path: str | Path,
+    tok,
+    sequence_length: int,
+    remap_columns: dict[str, str] | None = None,
+    cache_dir: str | Path | None = None,
+    tokenizer_id: str | None = None,
+) -> TokenRows:
+    """Read, check and tokenize a data file once; later calls load the cached arrays."""
+    key = None
+    if cache_dir is not None:
+        tokenizer_id = tokenizer_id or tokenizer_fingerprint(tok)
+        parts = [CACHE_VERSION, file_digest(path), tokenizer_id, sequence_length, sorted((remap_columns or {}).items())]
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+        cached = Path(cache_dir) / f"tokens-{key}.npz"
+        if cached.is_file():
+            return _load_cache(cached)
+    rows = read_rows(path, remap_columns)
+    data = tokenize_rows(rows, tok, sequence_length, detect_mode(rows, str(path)))
+    if key is not None:
+        _save_cache(data, Path(cache_dir) / f"tokens-{key}.npz")
+    return data
+
+
+def _save_cache(data: TokenRows, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, ids=data.ids, offsets=data.offsets, starts=data.starts, chars=data.chars,
+             meta=np.array(json.dumps({"mode": data.mode, "truncated": data.truncated})))
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, dest)  # atomic: a crash never leaves a half-written cache
+
+
+def _load_cache(path: Path) -> TokenRows:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        return TokenRows(z["ids"], z["offsets"], z["starts"], z["chars"], meta["mode"], meta["truncated"])
+
+
+# --------------------------------------------------------------------------------------- batching
+def epoch_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, shuffle: bool = True, bucket: bool = True
+) -> list[list[int]]:
+    """The row indices of each batch of one epoch; a pure function of (seed, epoch) for exact resume.
+
+    bucket: sort rows by length inside windows of 64 batches, cut batches there, then shuffle the
+    batch order, so a batch holds rows of similar length (little padding) while epochs still mix.
+    """
+    n = len(lengths)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist() if shuffle else list(range(n))
+    if bucket:
+        window = batch_size * 64
+        lens = np.asarray(lengths)
+        order = [i for w in range(0, n, window) for i in sorted(order[w : w + window], key=lambda i: -lens[i])]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if bucket and shuffle:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def shard(indices: list[int], rank: int, world: int) -> list[int]:
+    """This data-parallel rank's rows of a global batch (rank and world passed explicitly)."""
+    return indices[rank::world]
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # (B, T) inputs t[:-1], padded with 0
+    labels: torch.Tensor  # (B, T) targets t[1:], padded with 0
+    mask: torch.Tensor  # (B, T) bool, True where the label is trained
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.tokens, self.labels, self.mask)))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def collate(data: TokenRows, indices: Sequence[int], pad_to: int | None = None) -> Batch:
+    """Inputs, labels and loss mask of the given rows; T = longest row - 1 (or pad_to)."""
+    rows = [data.row(i) for i in indices]
+    T = pad_to if pad_to is not None else max(len(r) for r in rows) - 1
+    tokens = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
+    labels = torch.full((len(rows), T), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for b, (i, r) in enumerate(zip(indices, rows)):
+        t = torch.from_numpy(r.astype(np.int64))
+        n = len(t) - 1
+        # As ModelScope slices the 0-padded row: a row shorter than T + 1 keeps its last token
+        # (<sep>) as an input; no trained label depends on it (causal), ModelScope's ppl does.
+        tokens[b, : min(n + 1, T)] = t[:T]
+        labels[b, :n] = t[1:]
+        mask[b, int(data.starts[i]) : n] = True
+    return Batch(tokens, labels, mask)

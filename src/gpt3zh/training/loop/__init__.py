@@ -1,0 +1,5 @@
+"""The training loop (single process); the distributed trainer subclasses `Trainer`."""
+
+from .trainer import Trainer, TrainResult, token_loss_sum
+
+__all__ = ["Trainer", "TrainResult", "token_loss_sum"]
