@@ -1,0 +1,529 @@
+"""The OpenAI-compatible HTTP API over the batching engine (FastAPI), plus /health, /metrics and /.
+
+Every client mistake is a 4xx in OpenAI's error shape {"error": {"message", "type", "param",
+"code"}}: FastAPI's own 422 validation errors (malformed JSON included) become 400s, an unknown
+route 404, a wrong key 401, a too-large body 413, a full queue 503 with Retry-After. Only a bug is a
+500, and it fails that request alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any, Protocol
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..generation import GenerationConfig
+from ..model import GPT
+from . import protocol as P
+from .engine import (
+    Engine,
+    EngineLimits,
+    EngineRequest,
+    ErrorEvent,
+    FinishEvent,
+    Handle,
+    QueueFull,
+    TokenEvent,
+)
+from .metrics import Metrics
+from .settings import ServeConfig
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class APIError(Exception):
+    """A request that cannot be served, answered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# ------------------------------------------------------------------------------------------ app
+def create_app(model: GPT, tokenizer: Tokenizer, config: ServeConfig | None = None,
+               model_id: str = "gpt3zh") -> FastAPI:
+    """The app; its lifespan starts the engine thread and stops it on shutdown."""
+    server = _Server(model, tokenizer, config or ServeConfig(), model_id)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.engine.start()
+        try:
+            yield
+        finally:
+            server.engine.stop()
+
+    app = FastAPI(title="gpt3zh", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    _add_error_handlers(app)
+    _add_routes(app, server)
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)  # inner: runs after metrics start timing
+    app.add_middleware(_Observe, metrics=server.metrics)
+    return app
+
+
+class _Server:
+    """What the routes share: the engine, the tokenizer, the limits and the metrics."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, config: ServeConfig, model_id: str) -> None:
+        self.model, self.tokenizer, self.config, self.model_id = model, tokenizer, config, model_id
+        limits = EngineLimits(config.max_batch, config.max_queue, config.max_len)
+        self.engine = Engine(model, tokenizer.decode, limits)
+        self.metrics = Metrics(lambda: self.engine.queue_depth, lambda: self.engine.running)
+        self.engine.on_tokens = self.metrics.on_tokens
+        self.context = self.engine.max_len
+        self.defaults = model.generation_defaults
+        self.created = int(time.time())
+
+    def check_key(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.config.api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_id:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {self.model_id!r}.",
+                           param="model", code="model_not_found")
+
+    def encode(self, prompt: str | list[int], param: str) -> list[int]:
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            V = self.model.config.vocab_size
+            bad = [t for t in prompt if not 0 <= t < V]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {V})", param=param)
+            ids = prompt
+        if not ids:
+            raise APIError(400, "the prompt encodes to no tokens; generation needs at least one", param=param)
+        return ids
+
+    def generation_config(self, body: P._Sampling, prompt_len: int, param: str) -> GenerationConfig:
+        """The request's GenerationConfig, its length checked against the cap and the context."""
+        room = self.context - prompt_len
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens, and the "
+                           f"prompt has {prompt_len} tokens, leaving no room to generate.",
+                           param=param, code="context_length_exceeded")
+        if body.max_tokens is not None and body.max_tokens > self.config.max_tokens:
+            raise APIError(400, f"max_tokens={body.max_tokens} exceeds this server's cap of "
+                           f"{self.config.max_tokens}", param="max_tokens")
+        if body.max_tokens is not None and body.max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you "
+                           f"requested {prompt_len + body.max_tokens} tokens ({prompt_len} in the prompt, "
+                           f"{body.max_tokens} for the completion).", param="max_tokens",
+                           code="context_length_exceeded")
+        d = self.defaults
+        max_new = body.max_tokens or min(d.tokens_to_generate, self.config.max_tokens, room)
+        temperature = d.temperature if body.temperature is None else body.temperature
+        return GenerationConfig(
+            max_new_tokens=max_new,
+            do_sample=temperature > 0,
+            temperature=temperature,
+            top_k=d.top_k if body.top_k is None else body.top_k,
+            top_p=d.top_p if body.top_p is None else body.top_p,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            eos_token_id=(d.eod_id, *d.extra_stop_ids),
+            seed=body.seed,
+        )
+
+    def submit(self, requests: list[EngineRequest]) -> Handle:
+        if len(requests) > self.config.max_queue:
+            raise APIError(400, f"this request asks for {len(requests)} sequences (prompts x n); the server "
+                           f"queues at most {self.config.max_queue}", param="n")
+        try:
+            return self.engine.submit(requests)
+        except QueueFull as err:
+            self.metrics.count(self.metrics.rejected)
+            raise APIError(503, f"The server is busy ({err}); retry shortly.", type="server_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+
+
+def _requests(server: _Server, body: P._Sampling, prompts: list[list[int]], stop: tuple[str, ...],
+              param: str) -> list[EngineRequest]:
+    """One engine request per (prompt, choice); choice j of a seeded request uses seed + j."""
+    out = []
+    for i, ids in enumerate(prompts):
+        cfg = server.generation_config(body, len(ids), param)
+        for j in range(body.n):
+            seeded = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + j)
+            out.append(EngineRequest(ids, seeded, stop, index=i * body.n + j))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ routes
+def _add_routes(app: FastAPI, server: _Server) -> None:
+    auth = [Depends(server.check_key)]
+
+    @app.get("/health")
+    async def health():
+        if server.engine._thread is None or not server.engine._thread.is_alive():
+            raise APIError(503, "the engine thread is not running", type="server_error")
+        return {"status": "ok", "model": server.model_id}
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(resources.files(__package__).joinpath("playground.html").read_text("utf-8"))
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        return {"object": "list", "data": [_model_card(server)]}
+
+    @app.get("/v1/models/{name:path}", dependencies=auth)
+    async def model(name: str):
+        server.check_model(name)
+        return _model_card(server)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: P.CompletionRequest, request: Request):
+        server.check_model(body.model)
+        prompts = [server.encode(p, "prompt") for p in body.prompts()]
+        echoes = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in body.prompts()]
+        handle = server.submit(_requests(server, body, prompts, body.stop_strings, "prompt"))
+        stream = _CompletionStream(server, body, handle, echoes)
+        if body.stream:
+            return _sse(stream.chunks(), handle, server)
+        return await _respond(request, stream, handle, server)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(body: P.ChatCompletionRequest, request: Request):
+        server.check_model(body.model)
+        ids = server.encode(P.render_chat(body.messages), "messages")
+        handle = server.submit(_requests(server, body, [ids], P.CHAT_STOP + body.stop_strings, "messages"))
+        stream = _ChatStream(server, body, handle)
+        if body.stream:
+            return _sse(stream.chunks(), handle, server)
+        return await _respond(request, stream, handle, server)
+
+
+def _model_card(server: _Server) -> dict[str, Any]:
+    return {"id": server.model_id, "object": "model", "created": server.created, "owned_by": "gpt3zh",
+            "max_model_len": server.context}
+
+
+# ------------------------------------------------------------------------------------------ responses
+class _Stream:
+    """Reads a handle's events for all of a request's choices; subclasses shape them as OpenAI does."""
+
+    def __init__(self, server: _Server, body: P._Sampling, handle: Handle, n_choices: int) -> None:
+        self.server, self.body, self.handle, self.n_choices = server, body, handle, n_choices
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.texts = [""] * n_choices
+        self.reasons: list[str | None] = [None] * n_choices
+        self.usage = P.Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        self.done = False
+
+    async def events(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+        finished, first = 0, True
+        while finished < self.n_choices:
+            ev = await self.handle.events.get()
+            if ev is None:  # the disconnect watcher's sentinel
+                return
+            if first:
+                first = False
+                self.server.metrics.observe(self.server.metrics.ttft, time.perf_counter() - self.handle.submitted_at)
+            if isinstance(ev, ErrorEvent):
+                raise APIError(500, ev.message, type="server_error")
+            self.texts[ev.index] += ev.text
+            if isinstance(ev, FinishEvent):
+                finished += 1
+                self.reasons[ev.index] = ev.reason
+                self._count(ev)
+            yield ev
+        self.done = True
+
+    def _count(self, ev: FinishEvent) -> None:
+        u = self.usage
+        # n choices of one prompt share that prompt: count it once, as OpenAI does.
+        prompt = ev.prompt_tokens if ev.index % self.body.n == 0 else 0
+        self.usage = P.Usage(prompt_tokens=u.prompt_tokens + prompt,
+                             completion_tokens=u.completion_tokens + ev.completion_tokens,
+                             total_tokens=u.total_tokens + prompt + ev.completion_tokens)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.body.stream_options and self.body.stream_options.include_usage)
+
+
+class _CompletionStream(_Stream):
+    prefix = "cmpl"
+
+    def __init__(self, server, body: P.CompletionRequest, handle, echoes: list[str]) -> None:
+        super().__init__(server, body, handle, len(echoes) * body.n)
+        self.echoes = [e for e in echoes for _ in range(body.n)] if body.echo else [""] * self.n_choices
+
+    def _chunk(self, choices: list[P.CompletionChoice], usage=None) -> str:
+        return P.Completion(id=self.id, model=self.server.model_id, choices=choices, usage=usage).model_dump_json()
+
+    async def chunks(self) -> AsyncIterator[str]:
+        for i, echo in enumerate(self.echoes):
+            if echo:
+                yield self._chunk([P.CompletionChoice(index=i, text=echo, finish_reason=None)])
+        async for ev in self.events():
+            reason = ev.reason if isinstance(ev, FinishEvent) else None
+            if ev.text or reason:
+                yield self._chunk([P.CompletionChoice(index=ev.index, text=ev.text, finish_reason=reason)])
+        if self.include_usage:
+            yield self._chunk([], self.usage)
+
+    def body_json(self) -> dict:
+        choices = [P.CompletionChoice(index=i, text=e + t, finish_reason=r)
+                   for i, (e, t, r) in enumerate(zip(self.echoes, self.texts, self.reasons))]
+        return P.Completion(id=self.id, model=self.server.model_id, choices=choices, usage=self.usage).model_dump()
+
+
+class _ChatStream(_Stream):
+    prefix = "chatcmpl"
+
+    def __init__(self, server, body: P.ChatCompletionRequest, handle) -> None:
+        super().__init__(server, body, handle, body.n)
+
+    def _chunk(self, choices: list[P.ChatChunkChoice], usage=None) -> str:
+        return P.ChatCompletionChunk(id=self.id, model=self.server.model_id, choices=choices,
+                                     usage=usage).model_dump_json()
+
+    async def chunks(self) -> AsyncIterator[str]:
+        roles = [P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content="")) for i in range(self.n_choices)]
+        yield self._chunk(roles)
+        async for ev in self.events():
+            reason = ev.reason if isinstance(ev, FinishEvent) else None
+            if ev.text:
+                yield self._chunk([P.ChatChunkChoice(index=ev.index, delta=P.ChatDelta(content=ev.text))])
+            if reason:
+                yield self._chunk([P.ChatChunkChoice(index=ev.index, delta=P.ChatDelta(), finish_reason=reason)])
+        if self.include_usage:
+            yield self._chunk([], self.usage)
+
+    def body_json(self) -> dict:
+        choices = [P.ChatChoice(index=i, message={"role": "assistant", "content": t}, finish_reason=r)
+                   for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
+        return P.ChatCompletion(id=self.id, model=self.server.model_id, choices=choices, usage=self.usage).model_dump()
+
+
+def _sse(chunks: AsyncIterator[str], handle: Handle, server: _Server) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        complete = False
+        try:
+            async for chunk in chunks:
+                yield f"data: {chunk}\n\n"
+            complete = True
+        except APIError as err:  # the status line is sent: report in the stream, as OpenAI does
+            complete = True
+            yield f"data: {json.dumps({'error': _error_dict(err)}, ensure_ascii=False)}\n\n"
+        finally:
+            if not complete:  # the client went away (this generator was cancelled or closed)
+                handle.cancel()
+                server.metrics.count(server.metrics.cancelled)
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _respond(request: Request, stream: _Stream, handle: Handle, server: _Server) -> Response:
+    watcher = asyncio.create_task(_watch_disconnect(request, handle))
+    try:
+        async for _ in stream.events():
+            pass
+    finally:
+        watcher.cancel()
+    if not stream.done:
+        handle.cancel()
+        server.metrics.count(server.metrics.cancelled)
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+    return JSONResponse(stream.body_json())
+
+
+async def _watch_disconnect(request: Request, handle: Handle, every: float = 0.2) -> None:
+    """Cancel the request once its client disconnects (non-streaming responses only)."""
+    while True:
+        await asyncio.sleep(every)
+        if await request.is_disconnected():
+            handle.cancel()
+            handle.events.put_nowait(None)
+            return
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _error_dict(err: APIError) -> dict[str, Any]:
+    return {"message": err.message, "type": err.type, "param": err.param, "code": err.code}
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return APIError(400, f"We could not parse the JSON body of your request ({detail}).", code="invalid_json")
+    if first.get("type") == "missing" and not loc:
+        return APIError(400, "The request needs a JSON object body.", code="invalid_body")
+    param = loc[0] if loc else None
+    where = ".".join(loc)
+    msg = first.get("msg", "invalid value")
+    message = f"Invalid value for '{where}': {msg}" if where else msg
+    if first.get("type") == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {where}"
+    return APIError(400, message, param=param, code=first.get("type"))
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(request: Request, exc: RequestValidationError):
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = {404: f"Unknown route {request.url.path}", 405: f"Method {request.method} not allowed on "
+                   f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return APIError(exc.status_code, message, type=kind, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, exc: Exception):
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+
+# ------------------------------------------------------------------------------------------ middleware
+class _BodyLimit:
+    """Refuse bodies over `limit` bytes with 413 before any handler reads them (pure ASGI)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._too_large(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # afterwards: the real channel, so disconnects are still seen
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        err = APIError(413, f"The request body is larger than this server's limit of {self.limit} bytes.",
+                       code="request_too_large")
+        await err.response()(scope, receive, send)
+
+
+_ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+
+class _Observe:
+    """Count requests by route and status and time them until the response ends (pure ASGI)."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+        route = scope["path"] if scope["path"] in _ROUTES else "other"
+
+        async def observed_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            self.metrics.count(self.metrics.requests, 1, route, str(status[0]))
+            self.metrics.observe(self.metrics.latency, time.perf_counter() - start, route)
+
+
+# ------------------------------------------------------------------------------------------ running
+def serve(model: GPT, tokenizer: Tokenizer, config: ServeConfig, model_id: str) -> None:
+    """Run the server in the foreground until interrupted."""
+    import uvicorn
+
+    app = create_app(model, tokenizer, config, model_id)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+
+
+class BackgroundServer:
+    """A real uvicorn server on a free loopback port, in a thread (tests and benchmarks).
+
+    The socket is bound before the thread starts, so there is no race for the port; `url` is ready
+    once the context is entered and the app's lifespan (the engine) has started.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1") -> None:
+        import socket
+
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.sock.close()

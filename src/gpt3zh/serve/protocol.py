@@ -1,0 +1,238 @@
+"""The OpenAI-compatible request and response bodies, and the chat template.
+
+Requests are strict: an unknown field is a 400 (as OpenAI answers "Unrecognized request argument"),
+and OpenAI options this server cannot honour (logprobs, logit_bias, suffix, best_of > 1, non-zero
+presence/frequency penalties, tools) are refused by name rather than silently ignored.
+
+Sampling fields left out take the model directory's generation defaults (ModelScope's config.json:
+temperature, top_k, top_p), not OpenAI's, because those are what the checkpoint was published with.
+`temperature=0` is greedy. `top_k` and `repetition_penalty` are extensions.
+
+Chat template. These are plain language models, not chat-tuned ones, so a conversation is rendered
+as a transcript the model can continue, one line per message:
+
+    系统：{system message}
+    用户：{user message}
+    助手：{assistant message}
+    ...
+    助手：
+
+and generation stops at a newline that starts another turn ("\\n用户：", "\\n系统：") on top of the
+request's own stop strings. Roles "developer" and "system" both render as 系统. A message's content
+may be a string or a list of {"type": "text", "text": ...} parts, which are joined.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+CHAT_LABELS = {"system": "系统", "developer": "系统", "user": "用户", "assistant": "助手"}
+CHAT_STOP = ("\n用户：", "\n系统：")
+MAX_STOP = 4  # as OpenAI
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+# OpenAI options this server cannot honour: {field: (the values that mean "off", what to use instead)}.
+UNSUPPORTED = {
+    "presence_penalty": ((None, 0, 0.0), "use repetition_penalty"),
+    "frequency_penalty": ((None, 0, 0.0), "use repetition_penalty"),
+    "logit_bias": ((None, {}), "no per-token biases"),
+    "logprobs": ((None, False), "no log-probabilities are returned"),
+    "top_logprobs": ((None, 0), "no log-probabilities are returned"),
+    "best_of": ((None, 1), "use n"),
+    "suffix": ((None, ""), "no insertion mode"),
+}
+
+
+def _refuse_unsupported(value, info):
+    off, why = UNSUPPORTED[info.field_name]
+    if not any(value == o and type(value) is type(o) or value is o for o in off):
+        raise ValueError(f"{info.field_name}={value!r} is not supported by this server ({why})")
+    return value
+
+
+class _Sampling(_Strict):
+    """Options shared by completions and chat completions."""
+
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None  # extension
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None  # extension
+    n: Annotated[int, Field(ge=1)] = 1
+    stop: str | list[str] | None = None
+    seed: Annotated[int, Field(ge=0)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted and ignored, as a tag for the caller's own logs
+
+    _off = field_validator("presence_penalty", "frequency_penalty", "logit_bias")(_refuse_unsupported)
+
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings are allowed, got {len(stops)}")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return value
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+PromptType = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(_Sampling):
+    prompt: PromptType
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    _off_c = field_validator("logprobs", "best_of", "suffix")(_refuse_unsupported)
+
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value):
+        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+            raise ValueError("prompt must not be empty (a list of prompts needs at least one, each non-empty)")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as strings or token-id lists, one per choice group."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    _off_chat = field_validator("logprobs", "top_logprobs")(_refuse_unsupported)
+
+
+    @model_validator(mode="after")
+    def _one_max(self):
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("give max_tokens or max_completion_tokens, not both")
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+
+def render_chat(messages: list[ChatMessage]) -> str:
+    """The transcript prompt of the module docstring."""
+    lines = [f"{CHAT_LABELS[m.role]}：{m.text}\n" for m in messages]
+    return "".join(lines) + f"{CHAT_LABELS['assistant']}："
+
+
+# ------------------------------------------------------------------------------------------ responses
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: dict[str, Any]
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
