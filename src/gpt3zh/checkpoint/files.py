@@ -134,6 +134,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
     # metadata format=pt: transformers refuses safetensors files without it
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    _default_permissions(path)  # safetensors writes 0600; a model directory is ordinary readable data
+
+
+def _default_permissions(path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 # ---------------------------------------------------------------------------------- atomic output dirs
