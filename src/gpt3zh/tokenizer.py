@@ -96,6 +96,8 @@ def jieba_cut(text: str) -> list[str]:
     """ModelScope's pre-tokenization: `list(jieba.cut(text))` (accurate mode, HMM on).
 
     It uses jieba's global dictionary: `jieba.add_word` elsewhere in the process changes it.
+    Not rjieba, though it is much faster: it cuts differently (astral-plane characters, and
+    runs like "MPQ-78" or "S.K."), so the ids would stop matching ModelScope's (docs/benchmarks.md).
     """
     return list(_jieba_module().cut(text))
 
@@ -139,7 +141,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Same ids as `[encode(t) for t in texts]`, encoded by tokenizers' parallel batch path."""
-        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=True)]
+        return _batch_ids(self.backend, list(texts))
 
     def encode_prompt(self, text: str) -> list[int]:
         """The ids a generation prompt starts from (equal to `encode` except for BERT)."""
@@ -176,7 +178,11 @@ class Tokenizer:
 
 
 class JiebaBPETokenizer(Tokenizer):
-    """ModelScope's `JiebaBPETokenizer` (spec §6.2): same ids, same `detokenize`."""
+    """ModelScope's `JiebaBPETokenizer` (spec §6.2): same ids, same `detokenize`.
+
+    Special tokens are never matched in the text: jieba cuts a literal "<sep>" into "<", "sep",
+    ">" (four BPE ids, as in ModelScope); append `sep_id` / `eod_id` to the ids instead.
+    """
 
     kind = "jieba_bpe"
 
@@ -186,9 +192,7 @@ class JiebaBPETokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # jieba is pure Python and dominates the time; the BPE step runs in parallel in Rust.
-        words = [jieba_cut(t) for t in texts]
-        encodings = self.backend.encode_batch_fast(words, is_pretokenized=True, add_special_tokens=True)
-        return [e.ids for e in encodings]
+        return _batch_ids(self.backend, [jieba_cut(t) for t in texts], is_pretokenized=True)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         # ModelScope cuts at the FIRST <sep> anywhere, the prompt included (spec §9.6).
@@ -508,6 +512,12 @@ def train_char_tokenizer(
 
 
 # -------------------------------------------------------------------------------------- helpers
+def _batch_ids(backend: tokenizers.Tokenizer, inputs: list, **options: Any) -> list[list[int]]:
+    # encode_batch_fast (tokenizers >= 0.20) skips computing offsets, which ids do not need.
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(inputs, add_special_tokens=True, **options)]
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write to a temp file beside `path`, then rename: a failure never leaves a partial file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
