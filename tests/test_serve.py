@@ -10,6 +10,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -21,13 +26,23 @@ try:  # the HTTP client the openai package ships with (httpx2 in openai >= 3, ht
 except ImportError:
     import httpx
 
-from gpt3zh.config import GPTConfig  # noqa: E402
-from gpt3zh.generation import GenerationConfig, generate, sample  # noqa: E402
-from gpt3zh.model import GPT  # noqa: E402
-from gpt3zh.serve import BackgroundServer, ServeConfig, create_app  # noqa: E402
-from gpt3zh.serve.engine import Engine, EngineLimits, EngineRequest, QueueFull, _RowParams, _TextTracker, sample_rows  # noqa: E402
-from gpt3zh.serve.protocol import CHAT_STOP, ChatMessage, render_chat  # noqa: E402
-from gpt3zh.tokenizer import train_char_tokenizer  # noqa: E402
+from gpt3zh.assets import default_model_path
+from gpt3zh.checkpoint import save_model
+from gpt3zh.config import GPTConfig
+from gpt3zh.generation import GenerationConfig, generate, sample
+from gpt3zh.model import GPT
+from gpt3zh.serve import BackgroundServer, ServeConfig, create_app
+from gpt3zh.serve.engine import (
+    Engine,
+    EngineLimits,
+    EngineRequest,
+    QueueFull,
+    _RowParams,
+    _TextTracker,
+    sample_rows,
+)
+from gpt3zh.serve.protocol import CHAT_STOP, ChatMessage, render_chat
+from gpt3zh.tokenizer import train_char_tokenizer
 
 MODEL_ID = "tiny-char"
 # Every character the tests type; the model's vocabulary is exactly the tokenizer's.
@@ -74,8 +89,7 @@ def generate_text(reference: GPT, prompt: str, n: int, **options) -> tuple[str, 
 
 def metric(server, name: str) -> float:
     text = httpx.get(server.url + "/metrics").text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
-               or line.startswith(name + "{"))
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
 
 
 # ------------------------------------------------------------------------------------------ engine units
@@ -144,7 +158,7 @@ def test_greedy_completion_equals_generate(server, client, reference, prompt):
 
 
 def test_streaming_equals_non_streaming(client):
-    kwargs = dict(model=MODEL_ID, prompt="stream me", max_tokens=30, temperature=0)
+    kwargs = {"model": MODEL_ID, "prompt": "stream me", "max_tokens": 30, "temperature": 0}
     whole = client.completions.create(**kwargs).choices[0]
     chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
     assert len(chunks) > 5  # really streamed, token by token
@@ -231,6 +245,51 @@ def test_32_concurrent_streaming_clients_equal_their_solo_runs(server, client, r
     assert server.engine.steps - steps_before < sum(len(t) for t in together) / 3
 
 
+def test_concurrent_sampled_requests_each_equal_their_seeded_generate(server, reference):
+    """Rows with different sampling options share every decode step; each still samples as alone."""
+    options = [{"temperature": 0.7 + 0.1 * (i % 5), "top_p": (0.6, 0.9, 1.0)[i % 3], "seed": 100 + i,
+                "top_k": (0, 5, 30)[i % 3], "repetition_penalty": (1.0, 1.3)[i % 2]} for i in range(12)]
+    prompts = [f"s{i}" * (1 + i % 3) for i in range(12)]
+    aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    async def one(prompt, opts):
+        ext = {k: opts[k] for k in ("top_k", "repetition_penalty")}
+        r = await aclient.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=30, temperature=opts["temperature"],
+                                             top_p=opts["top_p"], seed=opts["seed"], extra_body=ext)
+        return r.choices[0].text
+
+    async def all_clients():
+        try:
+            return await asyncio.gather(*(one(p, o) for p, o in zip(prompts, options)))
+        finally:
+            await aclient.close()
+
+    served = asyncio.run(all_clients())
+    assert served == [generate_text(reference, p, 30, do_sample=True, **o)[0] for p, o in zip(prompts, options)]
+
+
+def test_non_streaming_client_disconnect_cancels_the_request(model):
+    app = create_app(copy.deepcopy(model), TOK, ServeConfig(max_batch=1), model_id=MODEL_ID)
+    with BackgroundServer(app) as srv:
+        engine = app.state.server.engine
+        engine.stop()  # the request waits in the queue until the engine runs again: no race with its end
+        body = {"model": MODEL_ID, "prompt": "wait", "max_tokens": 5, "temperature": 0}
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(srv.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+        for _ in range(100):  # the server polls for the disconnect
+            if metric(srv, "gpt3zh_cancelled_total") == 1:
+                break
+            time.sleep(0.05)
+        assert metric(srv, "gpt3zh_cancelled_total") == 1 and engine.queue_depth == 1
+        engine.start()
+        for _ in range(100):
+            if engine.queue_depth == 0:
+                break
+            time.sleep(0.05)
+        assert engine.queue_depth == 0 and engine.running == 0 and engine.steps == 0  # dropped, never decoded
+        assert post(srv, body).json()["choices"][0]["finish_reason"]  # and the server serves on
+
+
 def test_client_disconnect_cancels_the_request(server):
     cancelled = metric(server, "gpt3zh_cancelled_total")
     body = {"model": MODEL_ID, "prompt": "long", "max_tokens": 400, "temperature": 0, "stream": True}
@@ -296,6 +355,14 @@ BAD_REQUESTS = [
     ({"prompt": "a" * 200, "max_tokens": 350}, 400, "max_tokens", "context_length_exceeded"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "model", "model_not_found"),
     ({"prompt": "a", "n": 65}, 400, "n", None),  # more sequences than the queue can ever hold
+    ({"prompt": ["a"] * 40, "n": 2}, 400, "n", None),
+    ({"prompt": "a", "n": 10**9}, 400, "n", None),  # refused before any work
+    ({"prompt": "a", "seed": 2**63, "temperature": 1}, 400, "seed", None),
+    ({"prompt": "a", "temperature": None, "top_p": 1.5}, 400, "top_p", None),
+    (b'{"prompt": "\\ud800abc"}', 400, "prompt", None),  # a lone surrogate: valid JSON, not valid text
+    (b'{"prompt": "a", "temperature": NaN}', 400, "temperature", None),
+    (b"[" * 9_000 + b"]" * 9_000, 400, None, None),  # nested too deep for the parser
+    (b'{"prompt": "\xff\xfe"}', 400, None, None),  # not UTF-8
 ]
 
 
@@ -312,6 +379,9 @@ def test_bad_chat_requests_and_routes(server):
                         "messages", "context_length_exceeded")
     assert_openai_error(post(server, {"messages": [{"role": "user", "content": "x"}], "tools": []}, chat), 400,
                         "tools")
+    assert_openai_error(post(server, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', chat), 400,
+                        "messages")
+    assert_openai_error(post(server, {"messages": [{"role": "user", "content": None}]}, chat), 400, "messages")
     assert_openai_error(httpx.get(server.url + "/v1/nothing"), 404)
     assert_openai_error(httpx.get(server.url + "/v1/completions"), 405)
     assert_openai_error(post(server, {"prompt": "a" * 30_000}), 413, code="request_too_large")
@@ -354,13 +424,84 @@ def test_full_queue_answers_503_with_retry_after(model):
         assert metric(srv, "gpt3zh_rejected_total") == 1
 
 
-def test_serve_cli_refuses_a_missing_model(capsys):
+# ------------------------------------------------------------------------------------------ the CLI
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cli_server(*args: str) -> tuple[subprocess.Popen, str]:
+    """`gpt3zh serve ARGS` in a real subprocess on a free port, once /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "gpt3zh.cli", "serve", "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the server exited: {proc.stdout.read()}"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not start within 120 s")
+
+
+def stop_cli_server(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    out, _ = proc.communicate(timeout=60)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to exit as killed by it.
+    assert proc.returncode in (0, -signal.SIGTERM) and "Application shutdown complete" in out, out
+    return out
+
+
+def test_serve_cli_serves_a_saved_model_directory(model, reference, tmp_path):
+    save_model(model, tmp_path / "tiny", tokenizer=TOK)
+    proc, url = start_cli_server("--model", str(tmp_path / "tiny"), "--api-key", KEY, "--max-batch", "4",
+                                 "--max-queue", "8", "--host", "127.0.0.1")
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == ["tiny"]  # the directory name
+        r = client.completions.create(model="tiny", prompt="Hello", max_tokens=20, temperature=0)
+        assert r.choices[0].text == generate_text(reference, "Hello", 20)[0]
+        assert_openai_error(httpx.get(url + "/v1/models"), 401, code="invalid_api_key")
+    finally:
+        out = stop_cli_server(proc)
+    assert f"Uvicorn running on {url}" in out
+
+
+def test_serve_cli_without_model_uses_the_embedded_default(capsys):
     from gpt3zh.cli import main
 
-    assert main(["serve", "--port", "0"]) == 2
-    assert "--model" in capsys.readouterr().err
+    try:
+        default_model_path()
+    except FileNotFoundError:
+        assert main(["serve", "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "embedded default model is not installed" in err and "--model PATH" in err
+        return
+    proc, url = start_cli_server()
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list()] == ["poetry-small"]
+        r = client.completions.create(model="poetry-small", prompt="春", max_tokens=8, temperature=0)
+        assert r.choices[0].text and r.usage.completion_tokens >= 1
+    finally:
+        stop_cli_server(proc)
+
+
+def test_serve_cli_refuses_bad_options(capsys, tmp_path):
+    from gpt3zh.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "--max-batch", "zero"])
+    assert main(["serve", "--model", str(tmp_path), "--max-batch", "0"]) == 2
+    assert "max_batch" in capsys.readouterr().err
 
 
 def test_stream_json_is_valid_sse(server):

@@ -22,7 +22,12 @@ from gpt3zh.training.data import (
 )
 from gpt3zh.training.loop import Trainer, token_loss_sum
 from gpt3zh.training.metrics import BleuStats, PPLAccumulator, bleu4, lcs_length, rouge_l
-from gpt3zh.training.optim import BF16AdamW, apply_activation_checkpointing, param_groups, stochastic_round_bf16
+from gpt3zh.training.optim import (
+    BF16AdamW,
+    apply_activation_checkpointing,
+    param_groups,
+    stochastic_round_bf16,
+)
 from gpt3zh.training.schedules import noam, warmup_cosine
 
 
@@ -101,6 +106,18 @@ def test_config_errors_name_the_key(override, message):
         load_config(BASE, [override])
 
 
+def test_noam_warmup_takes_the_model_cards_name():
+    card = {**BASE, "train": {"lr_scheduler": {"type": "noam", "warmup": 200}}}
+    assert load_config(card).train.lr_scheduler.warmup_steps == 200
+    # an override of either name wins over the file's other name
+    assert load_config(card, ["train.lr_scheduler.warmup_steps=50"]).train.lr_scheduler.warmup_steps == 50
+    with_steps = {**BASE, "train": {"lr_scheduler": {"warmup_steps": 20}}}
+    assert load_config(with_steps, ["train.lr_scheduler.warmup=100"]).train.lr_scheduler.warmup_steps == 100
+    both = {**BASE, "train": {"lr_scheduler": {"warmup": 200, "warmup_steps": 50}}}
+    with pytest.raises(ConfigError, match="warmup=200 and warmup_steps=50 disagree"):
+        load_config(both)
+
+
 def test_config_unknown_key_in_file_is_reported_with_path(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {preset: base}\ntokenizer: t\ndataset: {train: a}\ntrain: {dataloder: {}}\n")
@@ -135,6 +152,19 @@ def test_csv_json_and_remap(tmp_path):
     for name in ("d.csv", "d.json"):
         rows = read_rows(tmp_path / name, remap)
         assert rows == [{"src_txt": "问题", "tgt_txt": "答案"}] and detect_mode(rows, name) == "prompt"
+
+
+def test_saved_datasets_dir(tmp_path):
+    try:
+        import datasets
+    except ImportError:  # optional dependency: without it a directory gets a clear message
+        (tmp_path / "ds").mkdir()
+        with pytest.raises(DataError, match=r"needs the `datasets` package.*or export it to JSONL"):
+            read_rows(tmp_path / "ds")
+        return
+    datasets.Dataset.from_list([{"text1": "问题", "text2": "答案"}]).save_to_disk(str(tmp_path / "ds"))
+    rows = read_rows(tmp_path / "ds", {"text1": "src_txt", "text2": "tgt_txt"})
+    assert rows == [{"src_txt": "问题", "tgt_txt": "答案"}]
 
 
 def _spec_mask(n_src, n_tgt, L, mode):
@@ -327,6 +357,7 @@ def test_rouge_l_and_bleu_by_hand():
     assert lcs_length(list("今天天气好"), list("今天是好天气")) == 4  # 今天天气
     assert rouge_l("今天天气好", "今天是好天气") == pytest.approx(2 * (4 / 5) * (4 / 6) / (4 / 5 + 4 / 6))
     assert rouge_l("今 天", "今天") == 1.0 and rouge_l("", "今天") == 0.0
+    assert rouge_l("什么?", "什么？") == 1.0  # JiebaBPE decodes full-width ？ as ?: compared after NFKC
     # 猫坐在垫子上 vs 猫坐在地毯上: 1-grams 4/6, 2-grams 2/5, 3-grams 1/4, 4-grams 0/3; equal lengths
     expected = (4 / 6 * (2 + 1) / (5 + 1) * (1 + 1) / (4 + 1) * (0 + 1) / (3 + 1)) ** 0.25
     assert bleu4(["猫坐在垫子上"], ["猫坐在地毯上"]) == pytest.approx(expected)
@@ -372,3 +403,6 @@ def test_evaluate_ppl_matches_row_by_row_computation():
     assert out["tokens"] == count
     assert out["loss"] == pytest.approx(total / count, rel=1e-5)
     assert out["chars"] == sum(len(r["tgt_txt"]) for r in rows)
+    lean = evaluate_ppl(model, data, batch_size=2, device="cpu")  # head on trained positions only
+    assert lean["tokens"] == count and "ppl_modelscope" not in lean
+    assert lean["loss"] == pytest.approx(total / count, rel=1e-5)

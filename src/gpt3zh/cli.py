@@ -104,9 +104,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_run(args: argparse.Namespace) -> int:
-    from .training import train
+    from .parallel import read_env
+    from .training.distributed import train  # one process, or under torchrun dp x tp processes
 
     result = train(args.config, *args.overrides)
+    if read_env().rank != 0:
+        return 0
     summary = {"work_dir": str(result.work_dir), "output": str(result.output_dir), "step": result.step,
                "train_loss": result.train_loss, **{k: v for k, v in result.eval.items() if k != "examples"}}
     print(json.dumps(summary, ensure_ascii=False))
@@ -121,12 +124,15 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         help="repeatable; default: ppl for continuation data, ppl+rouge+bleu for prompt->target data",
     )
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's)")
-    p.add_argument("--sequence-length", type=int, default=512, help="truncate rows as training does (default 512)")
+    p.add_argument("--sequence-length", type=int,
+                   help="truncate rows as training does (default: 512 or the model's context if shorter)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64, help="greedy generation length for rouge/bleu")
     p.add_argument("--limit", type=int, help="evaluate the first N rows only")
     p.add_argument("--remap", action="append", default=[], metavar="FROM=TO", help="rename a data column")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-ppl-modelscope", action="store_true",
+                   help="skip ModelScope's unmasked ppl (it needs logits of every padded position)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -142,7 +148,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
     from .serve.settings import ServeConfig  # light: no FastAPI import until run
 
-    p.add_argument("--model", help="model directory to serve (any supported format; its tokenizer beside it)")
+    p.add_argument("--model", help="model directory to serve (any supported format; its tokenizer beside it; "
+                   "default: the embedded poetry-small model)")
     p.add_argument("--model-id", help="the name clients pass as `model` (default: the directory name)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the weights (default: keep)")
@@ -157,28 +164,71 @@ def _serve_run(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
+    from .assets import default_model_path
     from .serve.settings import ServeConfig
 
-    if not args.model:
-        raise CLIError("serve: give --model PATH (a model directory)")
+    model_dir = Path(args.model) if args.model else default_model_path()  # a clear error when not installed
     config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
     from .checkpoint import load_model
     from .serve import serve
     from .tokenizer import load_tokenizer
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.model)
-    serve(model, tokenizer, config, args.model_id or Path(args.model).resolve().name)
+    model = load_model(model_dir, device=args.device, dtype=args.dtype)
+    tokenizer = load_tokenizer(model_dir)
+    serve(model, tokenizer, config, args.model_id or model_dir.resolve().name)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- plan
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", required=True, choices=list(PRESETS), help="model size to plan for")
+    p.add_argument("--dp", type=int, help="data-parallel size (default: search the smallest layout that fits)")
+    p.add_argument("--tp", type=int, help="tensor-parallel size (default: search)")
+    p.add_argument("--seq", type=int, help="sequence length (default: the model's context)")
+    p.add_argument("--micro-batch", type=int, default=1, help="rows per GPU per forward (default 1)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory in GiB (default 80)")
+    p.add_argument("--param-dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="weights and gradients dtype (bf16: fp32 AdamW moments, as train.param_dtype=bf16)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activation dtype (autocast)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    p.add_argument("--rank", type=int, default=0, help="which rank to measure (FSDP shards can be uneven)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _plan_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .parallel import ParallelDims
+    from .planning import format_plan, plan_layout, search
+
+    cfg = PRESETS[args.preset]
+    kw = {"seq_len": args.seq, "micro_batch": args.micro_batch, "gpu_mem_gib": args.gpu_mem,
+          "param_dtype": torch.bfloat16 if args.param_dtype == "bf16" else torch.float32,
+          "act_bytes": 2 if args.precision == "bf16" else 4,
+          "activation_checkpointing": args.activation_checkpointing}
+    if args.dp is None and args.tp is None:
+        plan = search(cfg, **kw)
+        if plan is None:
+            raise CLIError(f"plan: no layout up to 512 GPUs fits {args.preset} in {args.gpu_mem} GiB; "
+                           "try --activation-checkpointing or a smaller --micro-batch / --seq")
+    else:
+        plan = plan_layout(cfg, ParallelDims(dp=args.dp or 1, tp=args.tp or 1), rank=args.rank, **kw)
+    print(json.dumps({"preset": args.preset, **plan.to_dict()}) if args.json else format_plan(args.preset, plan))
     return 0
 
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 
+from .cli_generate import DEMO, GENERATE  # light: nothing heavy is imported until a command runs
+
 COMMANDS: dict[str, Command] = {
+    "generate": GENERATE,
+    "demo": DEMO,
     "info": (_info_args, _info_run, "parameter count, size and format of a preset or model directory"),
     "convert": (_convert_args, _convert_run, "convert a model directory to another format (gpt3zh, modelscope, megatron, hf)"),
     "train": (_train_args, _train_run, "fine-tune or train from a YAML/JSON config (KEY=VALUE overrides win)"),
     "eval": (_eval_args, _eval_run, "perplexity, or greedy ROUGE-L / BLEU-4, of a model on a data file"),
+    "plan": (_plan_args, _plan_run, "per-GPU memory of a dp x tp training layout (measured on a fake process group)"),
     "serve": (_serve_args, _serve_run, "OpenAI-compatible HTTP server with continuous batching and a playground"),
 }
 

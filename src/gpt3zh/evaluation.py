@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .model import GPT
 from .training.data import SRC, TGT, TokenRows, collate, detect_mode, read_rows, tokenize_rows
 from .training.metrics import BleuStats, PPLAccumulator, rouge_l
 
@@ -32,14 +33,22 @@ def evaluate_ppl(
     autocast=contextlib.nullcontext,
 ) -> dict[str, Any]:
     """Masked loss / ppl over trained tokens; with pad_to (= sequence_length - 1) also ModelScope's
-    unmasked ppl, which needs the rows padded exactly as ModelScope pads them."""
+    unmasked ppl, which needs the rows padded exactly as ModelScope pads them.
+
+    Without pad_to (and for a plain GPT) only the trained positions go through the output head: on prompt->target data
+    the (B, T, V) logits of every prompt position are most of an evaluation's cost."""
     n = len(data) if max_rows is None else min(max_rows, len(data))
     acc = PPLAccumulator()
     for i in range(0, n, batch_size):
         batch = collate(data, range(i, min(i + batch_size, n)), pad_to=pad_to).to(device)
         with autocast():
-            logits = model(batch.tokens)  # (B, T, V)
-        acc.update(logits, batch.labels, batch.mask, modelscope=pad_to is not None)
+            if pad_to is not None or not isinstance(model, GPT):  # a wrapped model: logits only
+                logits = model(batch.tokens)  # (B, T, V)
+                acc.update(logits, batch.labels, batch.mask, modelscope=True)
+                continue
+            logits = model.head(model.hidden(batch.tokens)[batch.mask])  # (N, V), N trained tokens
+        labels = batch.labels[batch.mask]  # (N,)
+        acc.update(logits[None], labels[None], torch.ones_like(labels[None], dtype=torch.bool))
     out = acc.result()
     chars = int(data.chars[:n].sum())
     out["chars"] = chars
@@ -58,11 +67,14 @@ def evaluate_generation(
     from .generation import generate
 
     n = len(rows) if max_rows is None else min(max_rows, len(rows))
+    # A prompt that fills the context (truncated at sequence_length) keeps its head, leaving room
+    # for the answer; the head holds what the task puts first (the answer in the QG template).
+    room = max(model.config.max_seq_len - max_new_tokens, 1)
     preds = []
     for i in range(0, n, batch_size):
         idx = range(i, min(i + batch_size, n))
         # the prompt as ModelScope feeds it: the row's first prompts_len tokens (start + 1)
-        prompts = [data.row(j)[: int(data.starts[j]) + 1].tolist() for j in idx]
+        prompts = [data.row(j)[: min(int(data.starts[j]) + 1, room)].tolist() for j in idx]
         outs = generate(model, prompts, max_new_tokens=max_new_tokens, eos_token_id=tok.sep_id)
         for p, o in zip(prompts, outs):
             new = o[len(p) :]
@@ -86,12 +98,13 @@ def run_eval(
     data_path: str,
     metrics: list[str] | None = None,
     tokenizer: str | None = None,
-    sequence_length: int = 512,
+    sequence_length: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 64,
     max_rows: int | None = None,
     remap_columns: dict[str, str] | None = None,
     device: str = "auto",
+    ppl_modelscope: bool = True,
 ) -> dict[str, Any]:
     from .checkpoint import load_model
     from .config import ConfigError
@@ -104,6 +117,7 @@ def run_eval(
     if {"rouge", "bleu"} & set(metrics) and mode != "prompt":
         raise ConfigError(f"--metric rouge/bleu needs prompt->target data ({TGT} column) in {data_path}")
     model = load_model(model_path).to(dev).eval()
+    sequence_length = sequence_length or min(512, model.config.max_seq_len)
     if sequence_length > model.config.max_seq_len:
         raise ConfigError(
             f"--sequence-length {sequence_length} exceeds the model's context {model.config.max_seq_len}"
@@ -111,7 +125,8 @@ def run_eval(
     tok = load_tokenizer(tokenizer or model_path)
     data = tokenize_rows(rows, tok, sequence_length, mode)
     out: dict[str, Any] = {"model": str(model_path), "data": str(data_path), "mode": mode}
-    out.update(evaluate_ppl(model, data, batch_size, dev, pad_to=sequence_length - 1, max_rows=max_rows))
+    out.update(evaluate_ppl(model, data, batch_size, dev, pad_to=sequence_length - 1 if ppl_modelscope else None,
+                            max_rows=max_rows))
     if {"rouge", "bleu"} & set(metrics):
         out.update(evaluate_generation(model, tok, rows, data, max_new_tokens, batch_size, max_rows))
     return out
@@ -126,11 +141,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--remap {item!r}: expected FROM=TO, e.g. text1=src_txt")
         remap[src] = dst
     for name in ("sequence_length", "batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     result = run_eval(
         args.model, args.data, args.metric, args.tokenizer, args.sequence_length, args.batch_size,
-        args.max_new_tokens, args.limit, remap, args.device,
+        args.max_new_tokens, args.limit, remap, args.device, not args.no_ppl_modelscope,
     )
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import fast
 from .model import GPT
 
 # How often `generate` asks the device whether every row has stopped. On CPU the check is free, on
@@ -54,6 +55,14 @@ class GenerationConfig:
         default=None, metadata={"help": "stop a row at this token id (or ids); none = run to max_new_tokens"}
     )
     seed: int | None = field(default=None, metadata={"help": "seed a private RNG so sampling repeats"})
+    # The fast path (gpt3zh.fast): same tokens as eager in fp32 with compile; int8 / bf16 change numerics.
+    compile: bool = field(default=False, metadata={"help": "torch.compile the one-token decode step"})
+    quantize: str | None = field(
+        default=None, metadata={"help": "'int8': decode with weight-only int8 weights (a cached quantized copy)"}
+    )
+    dtype: str | None = field(
+        default=None, metadata={"help": "float32 | bfloat16 | float16: decode in this dtype (none = the model's)"}
+    )
 
     def __post_init__(self) -> None:
         _require_int("max_new_tokens", self.max_new_tokens, 0, "an int >= 0")
@@ -66,6 +75,11 @@ class GenerationConfig:
         if self.seed is not None:
             _require_int("seed", self.seed, 0, "None or an int >= 0")
         object.__setattr__(self, "eos_token_id", _normalise_eos(self.eos_token_id))
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
+        if self.quantize not in (None, *fast.QUANTIZE):
+            raise ValueError(f"quantize must be None or one of {fast.QUANTIZE}, got {self.quantize!r}")
+        fast.as_dtype(self.dtype)
 
     @property
     def greedy(self) -> bool:
@@ -214,7 +228,7 @@ def _output_head(model: GPT) -> torch.Tensor | None:
     would cost memory there. The copy is rebuilt whenever the embedding changes (in place or not).
     """
     w = model.tok_emb.weight
-    if w.device.type != "cpu":
+    if w.device.type != "cpu" or "head" in vars(model):  # an instance `head` replaces the tied one (int8)
         return None
     key = (w.data_ptr(), w._version, w.dtype)
     cached = _HEADS.get(model)
@@ -283,13 +297,14 @@ def decode_steps(
     steps = cfg.max_new_tokens
     if steps == 0:
         return
+    model = fast.prepared(model, cfg.quantize, cfg.dtype)
     device = model.tok_emb.weight.device
     idx, pad = _left_pad(rows, device)  # (B, P), (B,)
     B, P = idx.shape
     need = P + steps - 1  # the last sampled token is never fed back, so it needs no slot
     if cache_len is not None and not need <= cache_len <= model.config.max_seq_len:
         raise ValueError(f"cache_len={cache_len} must be in [{need}, {model.config.max_seq_len}] for this request")
-    S = cache_len or need
+    S = cache_len or (fast.bucketed_cache_len(need, model.config.max_seq_len) if cfg.compile else need)
     was_training = model.training
     model.eval()
     model.setup_kv_cache(B, S)
@@ -315,6 +330,7 @@ def _decode_loop(model: GPT, idx: torch.Tensor, pad: torch.Tensor, S: int, cfg: 
     logits = _last_logits(model, head_t, idx, positions, torch.arange(P, device=device), mask)  # (B, V)
     bufs = _DecodeBuffers(pad, S)
     slot = torch.full((1,), P, dtype=torch.long, device=device)
+    step_logits = fast.compiled(_last_logits) if cfg.compile else _last_logits
     for step in range(cfg.max_new_tokens):
         tok = sample(logits, cfg, seen, rng)  # (B,)
         yield tok, logits
@@ -323,7 +339,7 @@ def _decode_loop(model: GPT, idx: torch.Tensor, pad: torch.Tensor, S: int, cfg: 
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
         bufs.set_slot(slot)
-        logits = _last_logits(model, head_t, tok[:, None], bufs.positions, bufs.cache_pos, bufs.mask)
+        logits = step_logits(model, head_t, tok[:, None], bufs.positions, bufs.cache_pos, bufs.mask)
         slot += 1
 
 
@@ -357,8 +373,9 @@ def generate(
     """Each prompt followed by its continuation, as token-id lists.
 
     `options` are GenerationConfig fields (max_new_tokens, do_sample, temperature, top_k, top_p,
-    repetition_penalty, eos_token_id, seed) and override `config`. A row ends with its first stop
-    id (included) or after max_new_tokens; every row equals what generating it alone gives.
+    repetition_penalty, eos_token_id, seed; the fast path: compile, quantize, dtype, see
+    gpt3zh.fast) and override `config`. A row ends with its first stop id (included) or after
+    max_new_tokens; every row equals what generating it alone gives.
     """
     rows, cfg = prepare(model, prompts, config, options)
     stop = torch.tensor(cfg.stop_ids, device=model.tok_emb.weight.device) if cfg.stop_ids else None

@@ -14,9 +14,11 @@ else takes ranks, sizes and meshes as arguments, so the same code runs under a f
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -328,3 +330,78 @@ class _VocabParallelCE(torch.autograd.Function):
         g = probs.clone()
         g.scatter_add_(1, idx[:, None], -in_range.to(g.dtype)[:, None])
         return g * grad[:, None], None, None, None
+
+
+# ------------------------------------------------------------------------------- gradient clipping
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> float:
+    """torch's clip_grad_norm_ for a mix of plain tensors and DTensors on different meshes.
+
+    torch stacks the per-tensor norms, which needs them all on one mesh; with tp-only layouts the
+    replicated parameters (layer norms, positions) are plain tensors beside tp DTensors. Norms are
+    taken per (mesh, placements) group, made whole, then combined; a replicated tensor counts once.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
+        groups.setdefault(key, []).append(p.grad)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, foreach=False)
+        squares.append(full_tensor(norm).float() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)
+    return float(total)
+
+
+# ------------------------------------------------------------------------------ tensor-parallel inference
+def tensor_parallel_model(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
+    """Shard `model` in place for inference over `tp_mesh` with plain local tensors (gpt-fast style).
+
+    Same table as training (TP_PLAN), but each rank keeps ordinary tensors holding its slice and a
+    row-parallel layer all-reduces its output in a forward hook. Plain tensors keep everything that
+    reads parameter shapes working unchanged: the KV cache sizes itself from the local qkv width,
+    and generation's tied head sees the whole (replicated) embedding. Every rank must run the same
+    calls with the same inputs; all ranks then hold the same logits and pick the same tokens.
+    """
+    tp = tp_mesh.size()
+    if tp == 1:
+        return model
+    cfg = model.config
+    ParallelDims(tp=tp).validate(cfg, vocab_parallel=False)
+    rank, group = tp_mesh.get_local_rank(), tp_mesh.get_group()
+    modules = dict(model.named_modules())
+    for name, kind in tp_plan_for(model).items():
+        lin = modules[name]
+        dim = 0 if kind == "colwise" else 1
+        lin.weight = nn.Parameter(lin.weight.detach().chunk(tp, dim)[rank].clone(), requires_grad=False)
+        if kind == "colwise":
+            lin.bias = nn.Parameter(lin.bias.detach().chunk(tp, 0)[rank].clone(), requires_grad=False)
+        else:
+            # the bias is added once, after the partial products are summed
+            bias = lin.bias.detach()
+            lin.bias = None
+            lin.register_forward_hook(functools.partial(_all_reduce_add_bias, bias=bias, group=group))
+    return model
+
+
+def _all_reduce_add_bias(module, inputs, out: torch.Tensor, *, bias: torch.Tensor, group) -> torch.Tensor:
+    dist.all_reduce(out, group=group)
+    return out + bias
+
+
+def setup_tp_inference(model: nn.Module, tp: int, env: DistEnv | None = None) -> DeviceMesh:
+    """`gpt3zh generate --tp N` under torchrun: check the launch, start the group, shard `model`."""
+    env = env or read_env()
+    if env.world_size != tp:
+        raise ParallelError(
+            f"--tp {tp} needs {tp} processes: launch with `torchrun --nproc_per_node {tp} -m gpt3zh generate "
+            f"--tp {tp} ...` (this launch has {env.world_size})"
+        )
+    ParallelDims(tp=tp).validate(model.config, vocab_parallel=False)
+    device_type = model.tok_emb.weight.device.type
+    init_process_group(env, device_type)
+    mesh = init_device_mesh(device_type, (tp,), mesh_dim_names=("tp",))
+    tensor_parallel_model(model, mesh)
+    return mesh

@@ -1,13 +1,15 @@
 """Tensor and data parallelism equal one process: logits, gradients and an optimizer step."""
 
 import copy
+import json
 
 import pytest
 import torch
 
 from gpt3zh.config import GPTConfig
 from gpt3zh.model import GPT
-from gpt3zh.parallel import ParallelDims, build_mesh, full_tensor, parallelize, token_losses
+from gpt3zh.parallel import ParallelDims, build_mesh, full_tensor, local_tensor, parallelize, token_losses
+from gpt3zh.planning import plan_layout
 
 from .launch import spawn
 
@@ -24,9 +26,10 @@ def _reference(seed: int = 0):
     return model, idx, targets
 
 
-def _tp_worker(rank, world):
+def _tp_worker(rank, world, out_dir):
     for vocab_parallel in (False, True):
         _check_tp(world, vocab_parallel)
+    _step_worker(rank, world, world, 1, out_dir)  # the same two ranks as dp=2: one start for both tests
 
 
 def _check_tp(world, vocab_parallel):
@@ -41,11 +44,12 @@ def _check_tp(world, vocab_parallel):
 
     torch.testing.assert_close(full_tensor(logits), ref_logits, rtol=0, atol=1e-5)
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(full_tensor(p.grad), q.grad, rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(full_tensor(p.grad), q.grad, rtol=0, atol=1e-5, msg=name)
 
 
-def test_tp2_logits_and_gradients_equal_one_process():
-    spawn(_tp_worker, 2, timeout=120)
+def test_tp2_logits_and_gradients_equal_one_process_and_dp2_step_equals_full_batch(tmp_path):
+    spawn(_tp_worker, 2, tmp_path, timeout=150)
+    _check_plan(tmp_path, dp=2, tp=1)
 
 
 def _step(model, idx, targets):
@@ -57,16 +61,34 @@ def _step(model, idx, targets):
     return opt
 
 
-def _step_worker(rank, world, dp, tp):
+def _bytes(tensors) -> int:
+    return sum(local_tensor(t).numel() * t.element_size() for t in tensors)
+
+
+def _step_worker(rank, world, dp, tp, out_dir):
     ref, idx, targets = _reference()
     model = parallelize(copy.deepcopy(ref), build_mesh(ParallelDims(dp=dp, tp=tp), "cpu"), vocab_parallel=tp > 1)
     rows = slice(rank // tp * 4 // dp, (rank // tp + 1) * 4 // dp)  # this dp rank's share of the batch
-    _step(model, idx[rows], targets[rows])
+    opt = _step(model, idx[rows], targets[rows])
     _step(ref, idx, targets)
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(full_tensor(p.detach()), q.detach(), rtol=0, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(full_tensor(p.detach()), q.detach(), rtol=0, atol=1e-5, msg=name)
+    held = {  # what this rank really holds after a step
+        "params": _bytes(model.parameters()),
+        "grads": _bytes(p.grad for p in model.parameters()),
+        "optimizer": _bytes(t for state in opt.state.values() for t in state.values()),
+    }
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(held))
 
 
-@pytest.mark.parametrize("dp,tp", [(2, 1), (2, 2)])
-def test_dp_step_on_split_batch_equals_one_process_full_batch(dp, tp):
-    spawn(_step_worker, dp * tp, dp, tp, timeout=180)
+def test_2x2_step_on_split_batch_equals_one_process_full_batch(tmp_path):
+    spawn(_step_worker, 4, 2, 2, tmp_path, timeout=180)
+    _check_plan(tmp_path, dp=2, tp=2)
+
+
+def _check_plan(tmp_path, dp, tp):
+    # `gpt3zh plan` (meta model, fake process group) predicts exactly those bytes on every rank
+    for rank in range(dp * tp):
+        plan = plan_layout(CFG, ParallelDims(dp=dp, tp=tp), rank=rank, param_dtype=torch.float32)
+        held = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert (plan.params, plan.grads, plan.optimizer) == (held["params"], held["grads"], held["optimizer"]), rank

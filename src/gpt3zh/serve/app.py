@@ -113,6 +113,11 @@ class _Server:
 
     def encode(self, prompt: str | list[int], param: str) -> list[int]:
         if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as err:  # JSON can carry lone surrogates ("\ud800"); text cannot
+                raise APIError(400, f"the text is not valid Unicode: {err.reason} at character {err.start}",
+                               param=param) from None
             ids = list(self.tokenizer.encode(prompt))
         else:
             V = self.model.config.vocab_size
@@ -153,10 +158,13 @@ class _Server:
             seed=body.seed,
         )
 
-    def submit(self, requests: list[EngineRequest]) -> Handle:
-        if len(requests) > self.config.max_queue:
-            raise APIError(400, f"this request asks for {len(requests)} sequences (prompts x n); the server "
+    def check_count(self, sequences: int) -> None:
+        """Refuse, before any work, a request for more sequences than the queue could ever hold."""
+        if sequences > self.config.max_queue:
+            raise APIError(400, f"this request asks for {sequences} sequences (prompts x n); the server "
                            f"queues at most {self.config.max_queue}", param="n")
+
+    def submit(self, requests: list[EngineRequest]) -> Handle:
         try:
             return self.engine.submit(requests)
         except QueueFull as err:
@@ -168,11 +176,12 @@ class _Server:
 def _requests(server: _Server, body: P._Sampling, prompts: list[list[int]], stop: tuple[str, ...],
               param: str) -> list[EngineRequest]:
     """One engine request per (prompt, choice); choice j of a seeded request uses seed + j."""
+    server.check_count(len(prompts) * body.n)
     out = []
     for i, ids in enumerate(prompts):
         cfg = server.generation_config(body, len(ids), param)
         for j in range(body.n):
-            seeded = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + j)
+            seeded = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=(cfg.seed + j) % P.SEED_LIMIT)
             out.append(EngineRequest(ids, seeded, stop, index=i * body.n + j))
     return out
 
@@ -207,6 +216,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: P.CompletionRequest, request: Request):
         server.check_model(body.model)
+        server.check_count(len(body.prompts()) * body.n)
         prompts = [server.encode(p, "prompt") for p in body.prompts()]
         echoes = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in body.prompts()]
         handle = server.submit(_requests(server, body, prompts, body.stop_strings, "prompt"))

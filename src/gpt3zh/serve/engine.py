@@ -4,12 +4,12 @@ Shape letters: B engine rows (slots), b rows in use this step (a prefix of B), T
 S cache slots, V vocab.
 
 Each row of the cache is one request. Rows keep their own position: the decode step feeds every
-row its last token at its own slot (`cache_pos` (b, 1)), which the model supports natively. A new
-request joins at a step boundary: it is prefilled alone into a free row through a one-row *view*
-of the cache (a slice, so the writes land in the shared buffer), samples its first token, and then
-decodes with the others. A finished or cancelled row simply stops being fed; its slots are
-overwritten by the next prefill, and the causal mask never lets a row see slots past its own
-position, so stale keys are harmless.
+row its last token at its own slot (`cache_pos` (b, 1)), which the model supports natively. New
+requests join at a step boundary: all those waiting (up to a token budget) are prefilled together,
+right-padded, into a scratch cache whose keys/values are then copied into their free rows; each
+samples its first token and then decodes with the others. A finished or cancelled row simply stops
+being fed; its slots are overwritten by the next prefill, and the causal mask never lets a row see
+slots past its own position, so stale keys (and the right-padding's keys) are harmless.
 
 Only a prefix of rows (0 .. highest row in use) and of slots (rounded up to a bucket) goes through
 the model each step: one request alone costs a batch-1 step, not a B-row step, so serving one at
@@ -17,12 +17,14 @@ a time is not penalised by the batch size it could have had.
 
 The asyncio side talks to the engine through thread-safe hand-offs only: `submit` appends to a
 bounded pending list under a lock, events come back through `loop.call_soon_threadsafe` into an
-asyncio.Queue, and cancellation is a flag the engine reads at each step boundary.
+asyncio.Queue, and cancellation is a flag the engine reads at each step boundary. A step's events
+for all rows go over in one hand-off, so the event loop wakes once per step, not once per token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -39,7 +41,8 @@ from ..model import GPT, KVCache
 
 log = logging.getLogger("gpt3zh.serve")
 
-_SLOT_BUCKET = 64  # the attended slot range grows in steps of this, so few distinct shapes run
+_SLOT_BUCKET = 16  # the attended slot range grows in steps of this: few distinct shapes, little masked waste
+_PREFILL_TOKENS = 4096  # at most this many (padded) prompt tokens are prefilled in one forward
 
 
 class QueueFull(RuntimeError):
@@ -95,8 +98,10 @@ class Handle:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def post(self, event) -> None:  # engine thread
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+def _deliver(events: list[tuple[Handle, object]]) -> None:  # runs on the event loop
+    for handle, event in events:
+        handle.events.put_nowait(event)
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -287,6 +292,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._seed_rng = torch.Generator().manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
+        self._outbox: list[tuple[Handle, object]] = []  # events of the current step, sent together
         self.steps = 0
 
     # ---------------------------------------------------------------- asyncio side
@@ -294,6 +300,8 @@ class Engine:
         """Queue requests (one handle for all; events carry each request's index). Raises QueueFull."""
         handle = Handle(asyncio.get_running_loop())
         with self._lock:
+            if any(h.cancelled for h, _ in self._pending):  # gone clients give their places back
+                self._pending = deque(item for item in self._pending if not item[0].cancelled)
             if len(self._pending) + len(requests) > self.limits.max_queue:
                 raise QueueFull(f"the queue holds {len(self._pending)} of {self.limits.max_queue} requests")
             self._pending.extend((handle, r) for r in requests)
@@ -316,6 +324,9 @@ class Engine:
         self._head_t = _output_head(self.model)
         V = self.model.config.vocab_size
         self._seen = torch.zeros(self.limits.max_batch, V, dtype=torch.bool, device=self.device)
+        self._slot_ids = torch.arange(self.max_len, device=self.device)  # (S,)
+        self._views: dict[tuple[int, int], list[_CacheView]] = {}
+        self._params_cache: tuple = (None, None, None)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="gpt3zh-engine", daemon=True)
         self._thread.start()
@@ -342,52 +353,101 @@ class Engine:
                         break
                 try:
                     self._admit()
+                    self._send()  # first tokens go out before the decode step
                     self._drop_cancelled()
                     if self.running:
                         self._decode_step()
                 except Exception as err:  # a bug must not kill the thread: fail the rows in flight
                     log.exception("engine step failed")
                     self._fail_all(f"engine error: {err}")
+                self._send()
         self._fail_all("the server is shutting down")
+        self._send()
+
+    def _emit(self, handle: Handle, event) -> None:
+        self._outbox.append((handle, event))
+
+    def _send(self) -> None:
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle, event in self._outbox:
+            by_loop.setdefault(handle.loop, []).append((handle, event))
+        self._outbox = []
+        for loop, events in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: its clients are gone
+                loop.call_soon_threadsafe(_deliver, events)
 
     def _admit(self) -> None:
-        while True:
-            with self._lock:
-                free = next((i for i, r in enumerate(self._rows) if r is None), None)
-                if free is None or not self._pending:
-                    return
-                handle, req = self._pending.popleft()
-            if handle.cancelled:
-                continue  # its client is gone: nobody listens for events
-            try:
-                self._prefill(free, handle, req)
-            except Exception as err:
-                log.exception("prefill failed")
-                self._rows[free] = None
-                handle.post(ErrorEvent(req.index, f"prefill failed: {err}"))
+        """Move waiting requests into free rows, within the prefill token budget, and prefill them."""
+        batch: list[tuple[int, Handle, EngineRequest]] = []
+        with self._lock:
+            free = [i for i, r in enumerate(self._rows) if r is None]
+            longest = 0
+            while free and self._pending:
+                handle, req = self._pending[0]
+                longest_if = max(longest, len(req.prompt))
+                if batch and longest_if * (len(batch) + 1) > _PREFILL_TOKENS:
+                    break  # the rest join at the next step boundary
+                self._pending.popleft()
+                if handle.cancelled:
+                    continue  # its client is gone: nobody listens for events
+                if not 0 < len(req.prompt) < self.max_len:
+                    self._emit(handle, ErrorEvent(req.index, f"a prompt of {len(req.prompt)} tokens does not "
+                                                  f"fit the context of {self.max_len} tokens"))
+                    continue
+                batch.append((free.pop(0), handle, req))
+                longest = longest_if
+        if not batch:
+            return
+        try:
+            self._prefill(batch)
+        except Exception as err:
+            log.exception("prefill failed")
+            for r, handle, req in batch:
+                self._rows[r] = None
+                self._emit(handle, ErrorEvent(req.index, f"prefill failed: {err}"))
 
-    def _prefill(self, r: int, handle: Handle, req: EngineRequest) -> None:
-        T = len(req.prompt)
-        idx = torch.tensor([req.prompt], device=self.device)  # (1, T)
+    def _prefill(self, batch: list[tuple[int, Handle, EngineRequest]]) -> None:
+        n = len(batch)
+        lens = [len(req.prompt) for _, _, req in batch]
+        T = max(lens)
+        idx = torch.tensor([req.prompt + [0] * (T - len(req.prompt)) for _, _, req in batch],
+                           device=self.device)  # (n, T), right-padded: pads come after every real token
         pos = torch.arange(T, device=self.device)  # (T,)
-        slots = _bucket(T, self.max_len)
-        mask = (torch.arange(slots, device=self.device) <= pos[:, None])[None, None]  # (1, 1, T, s)
-        logits = self._forward(slice(r, r + 1), slots, idx, pos[None], mask)  # (1, V)
-        seen = self._seen[r : r + 1]
+        s = _bucket(T, self.max_len)
+        mask = (torch.arange(s, device=self.device) <= pos[:, None])[None, None]  # (1, 1, T, s)
+        scratch = [KVCache(n, s, c.k.shape[1], c.k.shape[3], c.k.dtype, self.device) for c in self._caches]
+        for block, cache in zip(self.model.blocks, scratch):
+            block.attn.kv_cache = cache
+        h = self.model.hidden(idx, pos, pos, mask)  # (n, T, H)
+        h = h[torch.arange(n, device=self.device), torch.tensor(lens, device=self.device) - 1]  # (n, H)
+        logits = h @ self._head_t if self._head_t is not None else self.model.head(h)  # (n, V)
+        rows = torch.tensor([r for r, _, _ in batch], device=self.device)  # (n,)
+        for full, part in zip(self._caches, scratch):
+            full.k[rows, :, :s] = part.k
+            full.v[rows, :, :s] = part.v
+        seen = self._seen[rows]  # (n, V), a copy: written back below
         seen.zero_()
-        seen[0, idx[0]] = True
-        cfg = req.config
-        rng = None
-        if not cfg.greedy:
-            seed = cfg.seed if cfg.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
-            rng = torch.Generator(device=self.device).manual_seed(seed)
-        row = _Row(handle, req, rng, _TextTracker(self.decode, req.prompt, req.stop), T, -1,
-                   stop_ids=frozenset(cfg.stop_ids))
-        self._rows[r] = row
-        params = _RowParams.of([cfg], self.device)
-        tok = int(sample_rows(logits, params, seen if cfg.repetition_penalty != 1.0 else None, [rng])[0])
-        self._accept(r, row, tok)
-        self._count(T, 1)
+        seen.scatter_(1, idx, True)
+        seen[:, 0] = torch.tensor([0 in req.prompt for _, _, req in batch], device=self.device)  # pads are id 0
+        self._seen[rows] = seen
+        configs = [req.config for _, _, req in batch]
+        rngs = [self._rng(c) for c in configs]
+        use_seen = any(c.repetition_penalty != 1.0 for c in configs)
+        toks = sample_rows(logits, _RowParams.of(configs, self.device), seen if use_seen else None, rngs).tolist()
+        for (r, handle, req), rng, tok in zip(batch, rngs, toks):
+            row = _Row(handle, req, rng, _TextTracker(self.decode, req.prompt, req.stop), len(req.prompt), -1,
+                       stop_ids=frozenset(req.config.stop_ids))
+            self._rows[r] = row
+            self._accept(r, row, tok)
+        self._count(sum(lens), n)
+
+    def _rng(self, cfg: GenerationConfig) -> torch.Generator | None:
+        if cfg.greedy:
+            return None
+        seed = cfg.seed if cfg.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_rng))
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _count(self, prompt: int, generated: int) -> None:
         if self.on_tokens is not None:
@@ -397,29 +457,40 @@ class Engine:
         b = max(i for i, r in enumerate(self._rows) if r is not None) + 1
         rows = self._rows[:b]
         live = [r for r in rows if r is not None]
-        idx = torch.tensor([[r.last if r else 0] for r in rows], device=self.device)  # (b, 1)
-        pos = torch.tensor([[r.pos if r else 0] for r in rows], device=self.device)  # (b, 1)
+        fed = torch.tensor([[r.last if r else 0 for r in rows], [r.pos if r else 0 for r in rows]],
+                           device=self.device)  # (2, b): one host-to-tensor copy per step
+        idx, pos = fed[0, :, None], fed[1, :, None]  # (b, 1) each
         slots = _bucket(max(r.pos for r in live) + 1, self.max_len)
-        mask = (torch.arange(slots, device=self.device) <= pos[:, :, None])[:, None]  # (b, 1, 1, s)
-        logits = self._forward(slice(0, b), slots, idx, pos, mask)  # (b, V)
-        for r, row in enumerate(rows):  # mark fed tokens seen before sampling, as generation does
-            if row is not None:
-                self._seen[r, row.last] = True
-                row.pos += 1
-        configs = [row.req.config if row else _IDLE for row in rows]
-        params = _RowParams.of(configs, self.device)
-        use_seen = any(c.repetition_penalty != 1.0 for c in configs)
-        toks = sample_rows(logits, params, self._seen[:b] if use_seen else None,
-                           [row.rng if row else None for row in rows]).tolist()
+        mask = (self._slot_ids[:slots] <= pos[:, :, None])[:, None]  # (b, 1, 1, s)
+        logits = self._forward(b, slots, idx, pos, mask)  # (b, V)
+        params, rngs, penalised = self._batch_params(rows)
+        if penalised:  # mark fed tokens seen before sampling, as generation does
+            self._seen[penalised, [rows[r].last for r in penalised]] = True
+        for row in live:
+            row.pos += 1
+        toks = sample_rows(logits, params, self._seen[:b] if penalised else None, rngs).tolist()
         self.steps += 1
         self._count(0, len(live))
         for r, row in enumerate(rows):
             if row is not None:
                 self._accept(r, row, toks[r])
 
-    def _forward(self, rows: slice, slots: int, idx, pos, mask) -> torch.Tensor:
-        for block, cache in zip(self.model.blocks, self._caches):
-            block.attn.kv_cache = _CacheView(cache, rows, slots)
+    def _batch_params(self, rows: list[_Row | None]):
+        """Sampling tensors, generators and penalised row indices of this row set (rebuilt when it changes)."""
+        key = tuple(map(id, rows))
+        if self._params_cache[0] != key:
+            configs = [row.req.config if row else _IDLE for row in rows]
+            penalised = [r for r, c in enumerate(configs) if c.repetition_penalty != 1.0]
+            rngs = [row.rng if row else None for row in rows]
+            self._params_cache = (key, (_RowParams.of(configs, self.device), rngs, penalised), rows)
+        return self._params_cache[1]
+
+    def _forward(self, b: int, slots: int, idx, pos, mask) -> torch.Tensor:
+        views = self._views.get((b, slots))
+        if views is None:  # slices of the shared cache, made once per (rows, slots) shape
+            views = self._views[b, slots] = [_CacheView(c, slice(0, b), slots) for c in self._caches]
+        for block, view in zip(self.model.blocks, views):
+            block.attn.kv_cache = view
         h = self.model.hidden(idx, pos, pos, mask)[:, -1]  # (b, H)
         return h @ self._head_t if self._head_t is not None else self.model.head(h)  # (b, V)
 
@@ -434,14 +505,14 @@ class Engine:
         text, stopped = row.text.push(tok)
         if stopped:
             return self._finish(r, row, "stop", text)
-        row.handle.post(TokenEvent(row.req.index, text, tok))
+        self._emit(row.handle, TokenEvent(row.req.index, text, tok))
         if row.generated >= row.req.config.max_new_tokens or row.pos >= self.max_len:
             self._finish(r, row, "length")
 
     def _finish(self, r: int, row: _Row, reason: str, text: str | None = None) -> None:
         self._rows[r] = None
         tail = row.text.flush() if text is None else text
-        row.handle.post(FinishEvent(row.req.index, reason, tail, len(row.req.prompt), row.generated))
+        self._emit(row.handle, FinishEvent(row.req.index, reason, tail, len(row.req.prompt), row.generated))
 
     def _drop_cancelled(self) -> None:
         for r, row in enumerate(self._rows):
@@ -452,11 +523,11 @@ class Engine:
         with self._lock:
             pending, self._pending = list(self._pending), deque()
         for handle, req in pending:
-            handle.post(ErrorEvent(req.index, message))
+            self._emit(handle, ErrorEvent(req.index, message))
         for r, row in enumerate(self._rows):
             if row is not None:
                 self._rows[r] = None
-                row.handle.post(ErrorEvent(row.req.index, message))
+                self._emit(row.handle, ErrorEvent(row.req.index, message))
 
 
 _IDLE = GenerationConfig()  # the options of an idle row inside the decoded prefix (greedy; its token is ignored)

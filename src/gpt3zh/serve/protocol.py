@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 CHAT_LABELS = {"system": "系统", "developer": "系统", "user": "用户", "assistant": "助手"}
 CHAT_STOP = ("\n用户：", "\n系统：")
 MAX_STOP = 4  # as OpenAI
+SEED_LIMIT = 2**63  # torch generators take a signed 64-bit seed
 
 
 class _Strict(BaseModel):
@@ -72,7 +73,7 @@ class _Sampling(_Strict):
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None  # extension
     n: Annotated[int, Field(ge=1)] = 1
     stop: str | list[str] | None = None
-    seed: Annotated[int, Field(ge=0)] | None = None
+    seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None

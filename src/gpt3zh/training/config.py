@@ -60,6 +60,9 @@ class LRSchedulerConfig:
     # cosine: linear warmup to lr, cosine decay to lr * min_lr_ratio at the last step.
     type: SchedulerType = "noam"
     warmup_steps: int = 100
+    # The model cards' name (`num_warmup_steps` in finetune_poetry.py, `warmup` in the noam
+    # formula); when given it sets warmup_steps, so `{type: noam, warmup: 200}` reads as the card.
+    warmup: int | None = None
     min_lr_ratio: float = 0.0
     options: SchedulerOptions = field(default_factory=SchedulerOptions)
 
@@ -113,6 +116,10 @@ class EvaluationSection:
     dataloader: EvalDataLoaderConfig = field(default_factory=EvalDataLoaderConfig)
     max_new_tokens: int = 64  # greedy generation length for rouge / bleu
     max_examples: int | None = None  # evaluate on the first N rows only
+    at_start: bool = False  # also evaluate the untrained start (logged at step 0) as a baseline
+    # also report ModelScope's unmasked ppl (spec §8.3); it needs full (B, L-1, V) logits of every
+    # row padded to sequence_length, several times the cost of the masked ppl on prompt data
+    ppl_modelscope: bool = True
 
 
 @dataclass
@@ -186,8 +193,20 @@ def load_config(source: str | Path | dict | TrainConfig | None = None, overrides
     for key, value in _override_items(overrides):
         _set_dotted(data, key, value)
     cfg = _build(TrainConfig, data, "")
+    _resolve_warmup_alias(cfg.train.lr_scheduler)
     validate(cfg)
     return cfg
+
+
+def _resolve_warmup_alias(lr: LRSchedulerConfig) -> None:
+    if lr.warmup is None:
+        return
+    if lr.warmup_steps not in (lr.warmup, LRSchedulerConfig.warmup_steps):
+        raise ConfigError(
+            f"train.lr_scheduler: warmup={lr.warmup} and warmup_steps={lr.warmup_steps} disagree; "
+            f"give one of them"
+        )
+    lr.warmup_steps, lr.warmup = lr.warmup, None
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -220,8 +239,7 @@ def _override_items(overrides: Any):
     if isinstance(overrides, dict):
         for key, value in overrides.items():
             if isinstance(value, dict) and key in _SECTION_KEYS:
-                for sub_key, sub_value in _flatten(value, key):
-                    yield sub_key, sub_value
+                yield from _flatten(value, key)
             else:
                 yield key, value
     else:
@@ -252,6 +270,8 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
         node[part] = child
         node = child
     node[parts[-1]] = value
+    if parts[:2] == ["train", "lr_scheduler"] and parts[-1] in ("warmup", "warmup_steps"):
+        node.pop("warmup_steps" if parts[-1] == "warmup" else "warmup", None)  # the override wins
 
 
 def _inside_free_dict(parts: list[str]) -> bool:
@@ -354,9 +374,8 @@ def _coerce_scalar(tp: Any, value: Any, path: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    elif tp is str and isinstance(value, str):
+        return value
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
 
 
@@ -451,7 +470,7 @@ def validate(cfg: TrainConfig) -> None:
     if t.lr_scheduler.options.by_epoch:
         raise ConfigError("train.lr_scheduler.options.by_epoch: only per-step schedules exist; set it to false")
     if t.lr_scheduler.warmup_steps < 0 or (t.lr_scheduler.type == "noam" and t.lr_scheduler.warmup_steps < 1):
-        raise ConfigError(f"train.lr_scheduler.warmup_steps must be >= 1 for noam, >= 0 otherwise")
+        raise ConfigError("train.lr_scheduler.warmup_steps must be >= 1 for noam, >= 0 otherwise")
     if not 0.0 <= t.lr_scheduler.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.lr_scheduler.min_lr_ratio must be in [0, 1], got {t.lr_scheduler.min_lr_ratio}")
     if t.param_dtype == "bf16" and t.precision != "bf16":

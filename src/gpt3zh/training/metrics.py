@@ -1,12 +1,15 @@
 """Evaluation metrics: masked and ModelScope (unmasked) perplexity, character-level ROUGE-L and BLEU-4.
 
 Text metrics work on characters (whitespace dropped), the usual choice for Chinese, so scores do
-not depend on a tokenizer or a word segmenter.
+not depend on a tokenizer or a word segmenter. Both sides are NFKC-normalised first: the JiebaBPE
+tokenizer folds full-width forms (`？` -> `?`, `１` -> `1`), so a model's decoded text could never
+match a reference's full-width punctuation otherwise.
 """
 
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -52,7 +55,7 @@ class PPLAccumulator:
 
 # -------------------------------------------------------------------------------------- text metrics
 def _chars(text: str) -> list[str]:
-    return [c for c in text if not c.isspace()]
+    return [c for c in unicodedata.normalize("NFKC", text) if not c.isspace()]
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:

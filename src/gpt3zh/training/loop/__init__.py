@@ -2,4 +2,4 @@
 
 from .trainer import Trainer, TrainResult, token_loss_sum
 
-__all__ = ["Trainer", "TrainResult", "token_loss_sum"]
+__all__ = ["TrainResult", "Trainer", "token_loss_sum"]

@@ -23,13 +23,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ...config import ConfigError, GenerationDefaults, GPTConfig
 from ...model import GPT
 from ..config import TrainConfig
-from ..data import Batch, TokenRows, collate, epoch_batches, load_token_rows, read_rows, shard, tokenizer_fingerprint
+from ..data import (
+    Batch,
+    TokenRows,
+    collate,
+    epoch_batches,
+    load_token_rows,
+    read_rows,
+    shard,
+    tokenizer_fingerprint,
+)
 from ..optim import apply_activation_checkpointing, build_optimizer, estimate_memory, format_estimate
 from ..schedules import lr_factor
 
@@ -108,6 +118,12 @@ class Trainer:
     def all_reduce_sum(self, value: int) -> int:
         return value  # one process: nothing to sum across
 
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return token_loss_sum(model, batch)
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+
     def save_checkpoint(self, state: dict[str, Any], dest: Path) -> None:
         """Write state into dest atomically: a temp dir, then one rename."""
         tmp = dest.parent / f".tmp-{dest.name}"
@@ -125,6 +141,8 @@ class Trainer:
     def export(self, model: torch.nn.Module, tok) -> Path | None:
         from ...checkpoint import save_model
 
+        if not self.is_main:
+            return None
         out = None
         for fmt in self.cfg.train.export_formats:
             dest = self.work_dir / ("output" if fmt == "gpt3zh" else f"output_{fmt}")
@@ -150,7 +168,7 @@ class Trainer:
                 f"vocab_size {self.gpt_cfg.vocab_size}"
             )
         tok_id = tokenizer_fingerprint(self.tok, tok_source)
-        load = lambda p: load_token_rows(  # noqa: E731
+        load = lambda p: load_token_rows(
             p, self.tok, L, cfg.dataset.remap_columns, self.work_dir / "cache", tok_id
         )
         self.train_data: TokenRows = load(cfg.dataset.train)
@@ -163,8 +181,11 @@ class Trainer:
             if self.eval_data.mode != "prompt":
                 raise ConfigError("evaluation.metrics rouge/bleu need prompt->target eval data (a tgt_txt column)")
             self.eval_rows = read_rows(cfg.dataset.eval, cfg.dataset.remap_columns)
+        # Rows with no trained label (a prompt that fills sequence_length) add nothing to the loss
+        # or its normaliser, so they are left out of the batches instead of costing a forward.
+        self.train_rows = np.flatnonzero(self.train_data.trained_tokens > 0)
         global_batch = cfg.train.dataloader.batch_size_per_gpu * self.world
-        self.batches_per_epoch = math.ceil(len(self.train_data) / global_batch)
+        self.batches_per_epoch = math.ceil(len(self.train_rows) / global_batch)
         accum = cfg.train.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
         self.total_steps = cfg.train.max_steps or cfg.train.max_epochs * self.steps_per_epoch
@@ -174,10 +195,11 @@ class Trainer:
         t, accum = self.cfg.train, self.cfg.train.gradient_accumulation_steps
         epoch, k = divmod(step, self.steps_per_epoch)
         if epoch != getattr(self, "_epoch_cached", None):
-            self._epoch = epoch_batches(
-                self.train_data.lengths, t.dataloader.batch_size_per_gpu * self.world, t.seed, epoch,
-                t.dataloader.shuffle, t.bucket_by_length,
+            batches = epoch_batches(
+                self.train_data.lengths[self.train_rows], t.dataloader.batch_size_per_gpu * self.world,
+                t.seed, epoch, t.dataloader.shuffle, t.bucket_by_length,
             )
+            self._epoch = [self.train_rows[b].tolist() for b in batches]
             self._epoch_cached = epoch
         return [collate(self.train_data, self.shard(b)) for b in self._epoch[k * accum : (k + 1) * accum]]
 
@@ -201,6 +223,8 @@ class Trainer:
         self.describe_run(log)
         bar = _progress(self.total_steps, step, enabled=t.progress_bar and self.is_main)
         last_loss, last_eval, best = None, {}, _read_best(self.work_dir)
+        if step == 0 and cfg.evaluation.at_start and self.eval_data is not None:
+            log.eval(0, self.evaluate(model))  # the untrained start, as a baseline
         model.train()
         while step < self.total_steps:
             t0 = time.perf_counter()
@@ -222,7 +246,7 @@ class Trainer:
             if self._due(step, t.save_interval, end_of_epoch) or step == self.total_steps:
                 best = self.checkpoint(model, optimizer, scaler, step, last_eval, best)
         bar.close()
-        out = self.export(model, self.tok) if self.is_main else None
+        out = self.export(model, self.tok)  # called on every rank: a parallel export gathers
         log.close(plot=self.is_main)
         best_path = self.work_dir / CKPT_DIR / _step_name(best["step"]) if best else None
         return TrainResult(self.work_dir, out, step, last_loss, last_eval, best_path)
@@ -238,14 +262,14 @@ class Trainer:
         for batch in batches:
             batch = batch.to(self.device)
             with self.autocast():
-                loss_sum = token_loss_sum(model, batch)
+                loss_sum = self.loss_sum(model, batch)
             scaler.scale(loss_sum * scale).backward()
             total += float(loss_sum.detach())
         grad_norm = None
         clip = self.cfg.train.optimizer.options.grad_clip.max_norm
         if clip is not None:
             scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+            grad_norm = self.clip_grad_norm(model, clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -259,7 +283,8 @@ class Trainer:
         model.eval()
         out = evaluate_ppl(
             model, self.eval_data, ev.dataloader.batch_size_per_gpu, self.device,
-            pad_to=self.cfg.preprocessor.sequence_length - 1, max_rows=ev.max_examples,
+            pad_to=self.cfg.preprocessor.sequence_length - 1 if ev.ppl_modelscope else None,
+            max_rows=ev.max_examples,
             autocast=self.autocast,
         )
         if self.eval_rows is not None:
@@ -320,6 +345,7 @@ class Trainer:
         )
         info = {
             "rows": len(d), "mode": d.mode, "trained_tokens": int(d.trained_tokens.sum()),
+            "rows_without_trained_tokens": len(d) - len(self.train_rows),
             "truncated_rows": d.truncated, "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps, "device": str(self.device), "params": est["params"],
         }

@@ -1,0 +1,168 @@
+"""Per-rank training memory of a (dp, tp) layout, measured on the real parallelization.
+
+`plan_layout` builds the model on the meta device (no memory), starts a *fake* process group of
+the requested world size in this one process (torch's testing backend "fake": collectives are
+no-ops, so 512 ranks cost nothing) and applies `parallel.parallelize` exactly as training does.
+Parameter, gradient and optimizer bytes are then read from the local shards the chosen rank would
+hold (FSDP shards are uneven when a dim does not divide by dp, which is why the rank matters).
+
+What cannot be read off meta tensors is estimated from the shapes in model.py:
+- activations: per layer and token 4H values replicated across tp (ln_1 and ln_2 inputs and
+  outputs) plus (4H + 2F)/tp sharded (q, k, v, attention output, fc and GELU outputs); with
+  activation checkpointing only each block input (H) is kept, plus one block's full set while it
+  is recomputed. The vocab-parallel loss keeps two fp32 (B, T, V/tp) tensors (logits, softmax).
+- transient: with dp > 1, FSDP all-gathers a block before use and prefetches the next (two
+  unsharded blocks of weights, one of gradients before the reduce-scatter); the root (embeddings,
+  ln_f) stays unsharded for the whole step.
+A fit leaves 10% of the GPU for the CUDA context, communication buffers and fragmentation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import GPTConfig
+from .parallel import ParallelDims, ParallelError, local_tensor
+
+GiB = 1024**3
+RESERVE = 0.10  # of the GPU, kept free: CUDA context, NCCL buffers, allocator fragmentation
+TP_CHOICES = (1, 2, 4, 8)  # one node: tp's all-reduces run twice per layer, keep them on NVLink
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    dp: int
+    tp: int
+    rank: int
+    params: int  # bytes on this rank
+    grads: int
+    optimizer: int
+    activations: int
+    transient: int
+    gpu_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.transient
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_bytes * (1 - RESERVE)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total, "fits": self.fits}
+
+
+@contextlib.contextmanager
+def fake_process_group(rank: int, world_size: int):
+    """A process group of `world_size` ranks that lives in this process only (this one is `rank`)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("plan needs its own fake process group; a process group is already running")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _bytes(tensors) -> int:
+    return sum(local_tensor(t).numel() * t.element_size() for t in tensors)
+
+
+def plan_layout(
+    cfg: GPTConfig,
+    dims: ParallelDims,
+    *,
+    seq_len: int | None = None,
+    micro_batch: int = 1,
+    gpu_mem_gib: float = 80.0,
+    param_dtype: torch.dtype = torch.bfloat16,
+    act_bytes: int = 2,
+    activation_checkpointing: bool = False,
+    rank: int = 0,
+) -> MemoryPlan:
+    """Memory of global `rank` in a dims.dp x dims.tp run (see the module docstring)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .model import GPT
+    from .parallel import apply_dp, apply_tp
+
+    dims.validate(cfg, vocab_parallel=dims.tp > 1)
+    if not 0 <= rank < dims.world_size:
+        raise ParallelError(f"rank {rank} is outside the world of {dims.world_size}")
+    T = seq_len or cfg.max_seq_len
+    if T > cfg.max_seq_len:
+        raise ParallelError(f"sequence length {T} exceeds the model's context max_seq_len={cfg.max_seq_len}")
+    with fake_process_group(rank, dims.world_size):
+        mesh = init_device_mesh("cpu", (dims.dp, dims.tp), mesh_dim_names=("dp", "tp"))
+        with torch.device("meta"):
+            model = GPT(cfg).to(param_dtype)
+        apply_tp(model, mesh["tp"], vocab_parallel=dims.tp > 1)
+        block = _bytes(model.blocks[0].parameters())  # one block's tp-local weights, unsharded on dp
+        root = _bytes(p for n, p in model.named_parameters() if not n.startswith("blocks."))
+        apply_dp(model, mesh["dp"])
+        params = list(model.parameters())
+        param_bytes = _bytes(params)
+    # AdamW: two moments per element (fp32 for bf16 weights: BF16AdamW) and a 4-byte step per tensor
+    moment = 4 if param_dtype == torch.bfloat16 else torch.finfo(param_dtype).bits // 8
+    elements = sum(local_tensor(p).numel() for p in params)
+    optimizer = 2 * moment * elements + 4 * len(params)
+    transient = 3 * block + 2 * root if dims.dp > 1 else 0
+    activations = activation_bytes(cfg, dims.tp, micro_batch, T, act_bytes, activation_checkpointing)
+    return MemoryPlan(dims.dp, dims.tp, rank, param_bytes, param_bytes, optimizer, activations, transient,
+                      int(gpu_mem_gib * GiB))
+
+
+def activation_bytes(cfg: GPTConfig, tp: int, batch: int, seq: int, act_bytes: int, checkpointing: bool) -> int:
+    H, F, V, L = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, cfg.n_layer
+    tokens = batch * seq
+    per_layer = 4 * H + (4 * H + 2 * F) // tp  # values per token
+    layers = L * H + per_layer if checkpointing else L * per_layer
+    loss = 2 * 4 * V // tp  # fp32 logits and softmax of the vocab-parallel loss
+    return tokens * ((layers + H) * act_bytes + loss)  # + H: the embedding output
+
+
+def search(cfg: GPTConfig, max_world: int = 512, **kw) -> MemoryPlan | None:
+    """The smallest world (then the smallest tp) whose rank 0 fits; None if none up to max_world."""
+    world = 1
+    while world <= max_world:
+        for tp in TP_CHOICES:
+            if tp > world or world % tp or cfg.n_head % tp or cfg.vocab_size % tp or cfg.ffn_dim % tp:
+                continue
+            if _lower_bound(cfg, world, tp, **kw) > kw.get("gpu_mem_gib", 80.0) * GiB * (1 - RESERVE):
+                continue  # cannot fit even with perfect sharding: skip the (slower) measurement
+            plan = plan_layout(cfg, ParallelDims(dp=world // tp, tp=tp), **kw)
+            if plan.fits:
+                return plan
+        world *= 2
+    return None
+
+
+def _lower_bound(cfg: GPTConfig, world: int, tp: int, **kw) -> float:
+    pbytes = torch.finfo(kw.get("param_dtype", torch.bfloat16)).bits // 8
+    moment = 4 if pbytes == 2 else pbytes
+    states = cfg.num_params / world * (2 * pbytes + 2 * moment)
+    act = activation_bytes(cfg, tp, kw.get("micro_batch", 1), kw.get("seq_len") or cfg.max_seq_len,
+                           kw.get("act_bytes", 2), kw.get("activation_checkpointing", False))
+    return states + act
+
+
+def format_plan(name: str, plan: MemoryPlan) -> str:
+    gib = lambda n: f"{n / GiB:8.2f} GiB"
+    rows = [
+        f"{name}: dp={plan.dp} x tp={plan.tp} = {plan.dp * plan.tp} GPUs (rank {plan.rank})",
+        f"  params       {gib(plan.params)}",
+        f"  grads        {gib(plan.grads)}",
+        f"  optimizer    {gib(plan.optimizer)}",
+        f"  activations  {gib(plan.activations)}",
+        f"  fsdp buffers {gib(plan.transient)}",
+        (f"  total        {gib(plan.total)} of {plan.gpu_bytes / GiB:.0f} GiB "
+         f"({'fits' if plan.fits else 'does NOT fit'}, {RESERVE:.0%} kept free)"),
+    ]
+    return "\n".join(rows)

@@ -1,0 +1,139 @@
+"""The fast generation path (gpt3zh.fast, gpt3zh.quantize): compiled decode step, int8 weights, dtype.
+
+Inductor compiles are slow on a small shared CPU, so every compiled call here uses one shape (batch
+2, one cache bucket) per model: two compiles in all (fp32, int8).
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from gpt3zh import fast, generation
+from gpt3zh.config import GPTConfig
+from gpt3zh.model import GPT
+from gpt3zh.quantize import QuantLinear, is_quantized, quantize_int8, quantize_per_channel
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4]]  # ragged: the short row is left-padded
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=128, n_layer=2, n_head=4, d_model=32, max_seq_len=64, dropout=0.0, attn_dropout=0.0)
+    return GPT(cfg).eval()
+
+
+def option_sets(model):
+    """Every sampling option the eager path has, plus a stop id that really fires in row 0."""
+    eos = generation.generate(model, PROMPTS, max_new_tokens=NEW)[0][len(PROMPTS[0]) + 2]
+    return [
+        {},
+        {"do_sample": True, "seed": 1},
+        {"do_sample": True, "seed": 2, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.3},
+        {"repetition_penalty": 1.5, "eos_token_id": [eos, 3]},
+    ]
+
+
+def all_logits(model, **options):
+    cfg = generation.GenerationConfig(max_new_tokens=NEW, **options)
+    return torch.stack([logits for _, logits in generation.decode_steps(model, PROMPTS, cfg)])  # (steps, B, V)
+
+
+def test_compiled_decoding_equals_eager(model):
+    # fp32 on CPU: the compiled step may reorder float ops, so logits agree to 1e-5, tokens exactly.
+    torch.testing.assert_close(all_logits(model, compile=True), all_logits(model), rtol=0, atol=1e-5)
+    for options in option_sets(model):
+        eager = generation.generate(model, PROMPTS, max_new_tokens=NEW, **options)
+        assert generation.generate(model, PROMPTS, max_new_tokens=NEW, compile=True, **options) == eager, options
+        streamed = list(generation.stream(model, PROMPTS, max_new_tokens=NEW, compile=True, **options))
+        for row, full, prompt in zip(zip(*streamed), eager, PROMPTS):
+            assert [t for t in row if t is not None] == full[len(prompt):]
+
+
+def test_quantize_per_channel_rounds_to_nearest():
+    w = torch.randn(24, 40) * torch.linspace(0.01, 3, 24)[:, None]  # rows of very different ranges
+    q, scale = quantize_per_channel(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert torch.all((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7)
+    assert torch.equal(q.abs().amax(1), torch.full((24,), 127, dtype=torch.int8))  # absmax maps to 127
+
+
+def test_quant_linear_error_is_the_bf16_activation_rounding_only():
+    lin = torch.nn.Linear(48, 40)
+    ql = QuantLinear.from_linear(lin)
+    x = torch.randn(3, 5, 48)
+    w = ql.weight.double() * ql.scale.double()[:, None]  # the dequantized weights, exactly
+    ref = x.double() @ w.T + lin.bias.double()
+    # CPU feeds bf16 activations to the int8 kernel: each |x| is rounded by at most 2^-8 relative, and
+    # the sum is accumulated in fp32 (1e-5 slack).
+    bound = (x.double().abs() @ w.abs().T) * 2.0**-8 + 1e-5
+    assert torch.all((ql(x).double() - ref).abs() <= bound)
+
+
+def test_quantize_int8_replaces_every_linear_and_the_head(model):
+    q = quantize_int8(GPT(model.config).eval())
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    assert is_quantized(q) and q.head is q.lm_head and q.lm_head.weight.shape == (128, 32)
+    assert generation._output_head(q) is None  # not the fp32 transposed copy of the tied head
+
+
+def test_int8_logits_close_and_greedy_tokens_equal(model):
+    idx = torch.tensor([PROMPTS[0] * 4])
+    q = fast.prepared(model, "int8")
+    with torch.inference_mode():
+        ref, got = model(idx), q(idx)
+    # Stated tolerance: int8 weights move the logits by < 2% of their spread (0.3% measured here).
+    assert (got - ref).abs().max() < 0.02 * (ref.max() - ref.min())
+    assert generation.generate(model, PROMPTS, max_new_tokens=NEW, quantize="int8") == generation.generate(
+        model, PROMPTS, max_new_tokens=NEW)
+
+
+def test_int8_compiled_equals_int8_eager_for_every_option(model):
+    for options in option_sets(model):
+        eager = generation.generate(model, PROMPTS, max_new_tokens=NEW, quantize="int8", **options)
+        fast_ = generation.generate(model, PROMPTS, max_new_tokens=NEW, quantize="int8", compile=True, **options)
+        assert fast_ == eager, options
+
+
+def test_prepared_copies_once_and_leaves_the_model_alone(model):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = fast.prepared(model, "int8")
+    assert fast.prepared(model, "int8") is q and fast.prepared(model) is model
+    assert not is_quantized(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    bf = fast.prepared(model, dtype="bfloat16")
+    assert bf.tok_emb.weight.dtype == torch.bfloat16 and model.tok_emb.weight.dtype == torch.float32
+    out = generation.generate(model, PROMPTS, max_new_tokens=4, dtype="bfloat16")
+    assert [len(r) for r in out] == [len(p) + 4 for p in PROMPTS]
+    other = GPT(model.config).eval()
+    q2 = fast.prepared(other, "int8")
+    with torch.no_grad():
+        other.blocks[0].mlp.fc.weight.mul_(2)  # an in-place weight change makes the cached copy stale
+    assert fast.prepared(other, "int8") is not q2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"compile": "yes"}, "compile must be True or False"), ({"quantize": "int4"}, "quantize must be None or one of"),
+     ({"dtype": "fp8"}, "dtype must be one of float32, bfloat16, float16")],
+)
+def test_invalid_fast_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        generation.GenerationConfig(**options)
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke_runs_end_to_end_on_cpu(tmp_path):
+    docs = tmp_path / "bench.md"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--smoke", "--device", "cpu", "--docs", str(docs)],
+        check=False, capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    table = docs.read_text()
+    for impl in ("gpt3zh bfloat16 eager", "gpt3zh bfloat16 compiled", "transformers bfloat16",
+                 "gpt3zh int8 compiled", "prefill 32 tokens", "gpt3zh compiled batch 2"):
+        assert f"| smoke | {impl}" in table, impl
