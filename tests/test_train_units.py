@@ -406,3 +406,16 @@ def test_evaluate_ppl_matches_row_by_row_computation():
     lean = evaluate_ppl(model, data, batch_size=2, device="cpu")  # head on trained positions only
     assert lean["tokens"] == count and "ppl_modelscope" not in lean
     assert lean["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_truncated_rows_count_only_the_kept_characters():
+    from gpt3zh.tokenizer import train_char_tokenizer
+    from gpt3zh.training.data import tokenize_rows
+
+    tok = train_char_tokenizer(["床前明月光疑是地上霜举头望低思故乡"])
+    rows = [{"src_txt": "床前明月光疑是地上霜"}, {"src_txt": "举头望"}]
+    data = tokenize_rows(rows, tok, 6, "continuation")
+    assert data.truncated == 1
+    assert data.chars.tolist() == [6, 3]  # 6 of 10 characters kept in the cut row
+    prompt = tokenize_rows([{"src_txt": "床前明", "tgt_txt": "月光疑是地上霜"}], tok, 6, "prompt")
+    assert prompt.chars.tolist() == [3]  # 3 of the 7 target characters fit after the 3-token prompt

@@ -32,7 +32,7 @@ from ..config import ConfigError
 
 SRC, TGT = "src_txt", "tgt_txt"
 PAD_ID = 0  # ModelScope pads inputs and labels with 0; padding is masked out of the loss
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class DataError(ConfigError):
@@ -132,7 +132,8 @@ class TokenRows:
     ids: np.ndarray  # (N,) int32
     offsets: np.ndarray  # (R+1,) int64
     starts: np.ndarray  # (R,) int64, first trained label position of each row
-    chars: np.ndarray  # (R,) int64, characters of the trained text (src, or tgt in prompt mode)
+    chars: np.ndarray  # (R,) int64, characters of the trained text (src, or tgt in prompt mode); a row cut
+    # at sequence_length counts the kept share of its tokens' characters
     mode: str
     truncated: int  # rows cut at sequence_length
 
@@ -159,12 +160,19 @@ def tokenize_rows(rows: list[dict[str, Any]], tok, sequence_length: int, mode: s
     seqs, starts, chars, truncated = [], [], [], 0
     for i, s in enumerate(src):
         t = s + (tgt[i] if tgt is not None else []) + [sep]
+        t_full = t
         truncated += len(t) > sequence_length
         t = t[:sequence_length]
         prompts_len = min(len(s), sequence_length)
         # §8.2: prompt mode trains [prompts_len - 1, inputs_len - 1); continuation trains all labels.
         starts.append(max(prompts_len - 1, 0) if mode == "prompt" else 0)
-        chars.append(len(rows[i][TGT] if mode == "prompt" else rows[i][SRC]))
+        text_chars = len(rows[i][TGT] if mode == "prompt" else rows[i][SRC])
+        text_tokens = len(t_full) - 1 - (len(s) if mode == "prompt" else 0)  # the trained text's tokens
+        kept_tokens = len(t) - (prompts_len if mode == "prompt" else 0)
+        if len(t_full) > sequence_length and text_tokens > 0:
+            # a cut row is scored on part of its text only: count that part's share of the characters
+            text_chars = round(text_chars * max(min(kept_tokens, text_tokens), 0) / text_tokens)
+        chars.append(text_chars)
         seqs.append(t)
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(t) for t in seqs])
