@@ -21,6 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 # Shipped sampling defaults (the model's config.json "generation" block): what `gpt3zh generate`,
 # the pipeline and the form check use unless told otherwise.
+# What the elapsed time includes, for the card (edit when re-running).
+WALL_NOTE = ("the 2026-11-23 run shared the 2 cores with up to six other jobs and was stopped twice and "
+             "resumed with train.resume=true (resume is bitwise exact); about 75 min of uncontended compute")
 SAMPLING = {"top_k": 0, "top_p": 0.8, "temperature": 0.8, "tokens_to_generate": 64}
 
 
@@ -79,7 +82,7 @@ that cannot download anything. It writes poem-shaped text; it knows nothing else
 | training | `examples/poetry_small.yaml`: {len(steps)} steps, batch 32 poems, AdamW lr 1.5e-3 (wd 0.1), 200 warmup steps then cosine to 1.5e-4, 2 epochs, seed 1234 |
 | tokens seen | {tokens_seen:,} |
 | hardware | {platform.processor() or platform.machine()} CPU, 2 threads (torch {torch.__version__}), shared with other work |
-| wall time | {wall / 60:.0f} min |
+| wall time | {wall / 60:.0f} min elapsed from first start to export; {WALL_NOTE} |
 | final train loss | {final_loss:.3f} nats/token (mean of the last 50 steps) |
 | held-out ({q['test_poems']} poems of `test.jsonl`) | {q['loss_per_token']:.3f} nats/char, **char PPL {q['char_ppl']:.1f}**, {q['bits_per_char']:.3f} bits/char |
 | unigram baseline (train, add-one) | char PPL {q['unigram_char_ppl_raw']:.1f} over raw characters, {q['unigram_char_ppl_model_ids']:.1f} over this tokenizer's ids |
