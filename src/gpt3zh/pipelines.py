@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from . import generation
+from .checkpoint.api import as_dtype
 from .generation import GenerationConfig
 from .model import GPT
 from .tokenizer import Tokenizer, load_tokenizer
@@ -61,7 +62,7 @@ def pipeline(
         if tokenizer is None:
             raise ValueError("pipeline(model=<GPT object>) needs tokenizer= (a Tokenizer or a tokenizer path)")
         if device is not None or dtype is not None:
-            model = model.to(device=device, dtype=_as_dtype(dtype))
+            model = model.to(device=device, dtype=as_dtype(dtype))
     elif isinstance(model, (str, os.PathLike)):
         from .checkpoint import load_model
 
@@ -73,15 +74,6 @@ def pipeline(
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = load_tokenizer(tokenizer)
     return TextGenerationPipeline(model.eval(), tokenizer)
-
-
-def _as_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} is not a torch floating dtype (e.g. 'float32', 'bfloat16')")
-    return value
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def _tokenizer_kind(d: Path) -> str:
     return "none"
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype), None)
@@ -62,7 +62,7 @@ def load_model(path: PathLike, device: str | torch.device = "cpu", dtype: torch.
     d = Path(path)
     fmt = formats.detect(d)
     cfg, gen = fmt.read_config(d)
-    sd = fmt.read_weights(d, cfg, _as_dtype(dtype))  # names and shapes checked against cfg
+    sd = fmt.read_weights(d, cfg, as_dtype(dtype))  # names and shapes checked against cfg
     with torch.device("meta"):
         model = GPT(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
