@@ -7,8 +7,8 @@ All implementations run side by side in one process and their runs are interleav
 after one short warm-up each), so load from other processes on a shared machine hits them all
 alike; the median of the runs is reported. Prints seconds and tokens/s per implementation, how many
 times faster gpt3zh is, and whether each produced exactly gpt3zh's tokens. `--ablate` also times
-gpt3zh with the output head as F.linear(h, W) (no transposed copy) and with a KV cache of the full
-context, to show what those two choices are worth.
+gpt3zh with every layer as plain F.linear(x, W) (no chunked GEMV, fast.decode_model off) and with a
+KV cache of the full context, to show what those two choices are worth.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 import torch
 
 import gpt3zh
-from gpt3zh import generation
+from gpt3zh import fast, generation
 from gpt3zh.config import PRESETS
 from gpt3zh.model import GPT
 
@@ -63,8 +63,9 @@ def hf_greedy(hf, prompts, new):
     return out.tolist()
 
 
-def no_transposed_head(model, prompts, new):
-    with patched(generation, "_output_head", lambda m: None):
+def plain_linear(model, prompts, new):
+    """gpt3zh with every layer as F.linear(x, W) (fast.decode_model disabled)."""
+    with patched(fast, "decode_model", lambda m: m):
         return gpt3zh_greedy(model, prompts, new)
 
 
@@ -103,7 +104,7 @@ def main() -> None:
                     choices=["transformers", "recompute"])
     ap.add_argument("--recompute-max-batch", type=int, default=1,
                     help="skip the O(n^2) recompute loop above this batch size (default 1)")
-    ap.add_argument("--ablate", action="store_true", help="also time gpt3zh variants (head layout, cache size)")
+    ap.add_argument("--ablate", action="store_true", help="also time gpt3zh variants (F.linear layers, cache size)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     args = ap.parse_args()
 
@@ -132,7 +133,7 @@ def main() -> None:
             if "recompute" in args.baselines and batch <= args.recompute_max_batch:
                 impls["full recompute (ModelScope)"] = bind(lambda p, n: recompute_greedy(model, p, n))
             if args.ablate:
-                impls["gpt3zh head F.linear"] = bind(lambda p, n: no_transposed_head(model, p, n))
+                impls["gpt3zh F.linear layers"] = bind(lambda p, n: plain_linear(model, p, n))
                 impls["gpt3zh cache=full context"] = bind(
                     lambda p, n: gpt3zh_greedy(model, p, n, cfg.max_seq_len))
             results = interleaved(impls, args.runs)

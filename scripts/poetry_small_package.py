@@ -102,7 +102,11 @@ python scripts/train_poetry_small.py package   # this directory, quality.json an
 ```
 
 Training is deterministic on CPU: the same command, seed, machine, torch version and thread count
-(the script fixes 2) give bitwise the same weights.
+(the script fixes 2) give bitwise the same weights. Checked on 2026-11-23: a second, uninterrupted
+run of the `train` command (82 min wall, the 2 cores otherwise almost idle) wrote a
+`model.safetensors` with the same sha256 as the first run, which had been stopped twice and resumed
+(`ada16667a9d255fb6c9ea402ccc2fd7365db96fc8b4290d07a57e72fcfeedfda`), and all 4,614 logged step
+losses and both eval losses were equal.
 
 ## Sampling defaults
 

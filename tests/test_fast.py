@@ -78,7 +78,7 @@ def test_quantize_int8_replaces_every_linear_and_the_head(model):
     q = quantize_int8(GPT(model.config).eval())
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
     assert is_quantized(q) and q.head is q.lm_head and q.lm_head.weight.shape == (128, 32)
-    assert generation._output_head(q) is None  # not the fp32 transposed copy of the tied head
+    assert fast.decode_model(q) is q  # the int8 layers are left alone, not wrapped as ChunkedLinear
 
 
 def test_int8_logits_close_and_greedy_tokens_equal(model):
@@ -137,3 +137,81 @@ def test_gpu_suite_smoke_runs_end_to_end_on_cpu(tmp_path):
     for impl in ("gpt3zh bfloat16 eager", "gpt3zh bfloat16 compiled", "transformers bfloat16",
                  "gpt3zh int8 compiled", "prefill 32 tokens", "gpt3zh compiled batch 2"):
         assert f"| smoke | {impl}" in table, impl
+
+
+# ------------------------------------------------------------------- CPU decode: chunked GEMV
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 513])
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_linear_equals_f_linear(rows, bias):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 96, bias=bias)
+    x = torch.randn(rows, 5, 48)[:, 0]  # a non-contiguous input
+    for k in (1, 2, 4):
+        chunked = fast.ChunkedLinear(lin.weight, lin.bias, k)
+        with torch.no_grad():
+            ref, got = torch.nn.functional.linear(x, lin.weight, lin.bias), chunked(x)
+        assert got.shape == ref.shape == (rows, 96)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # leading dims kept: (B, T, in) -> (B, T, out)
+        x3 = torch.randn(2, 1, 48)
+        torch.testing.assert_close(fast.ChunkedLinear(lin.weight, lin.bias, 2)(x3), lin(x3), rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_linear_bf16_and_gradients():
+    lin = torch.nn.Linear(32, 64).to(torch.bfloat16)
+    x = torch.randn(1, 1, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.ChunkedLinear(lin.weight, lin.bias, 2)(x), lin(x), rtol=1e-2, atol=1e-2)
+    x = torch.randn(2, 32, dtype=torch.bfloat16, requires_grad=True)
+    y = fast.ChunkedLinear(lin.weight, lin.bias, 2)(x)  # needs gradients: F.linear itself
+    y.sum().backward()
+    assert lin.weight.grad is not None and x.grad is not None
+    with pytest.raises(ValueError, match="63 output features do not split into 2"):
+        fast.ChunkedLinear(torch.zeros(63, 4), None, 2)
+
+
+def test_decode_model_shares_the_weights_and_follows_them(model, two_threads):
+    view = fast.decode_model(model)
+    assert view is not model and fast.decode_model(model) is view  # cached
+    chunked = [m for m in view.modules() if isinstance(m, fast.ChunkedLinear)]
+    assert len(chunked) == 4 * model.config.n_layer + 1  # every nn.Linear and the tied head
+    assert not any(isinstance(m, fast.ChunkedLinear) for m in model.modules())  # the model is untouched
+    assert "head" not in vars(model)
+    for (name, p), (vname, vp) in zip(model.named_parameters(), view.named_parameters()):
+        assert name == vname and vp is p  # nothing copied
+    idx = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        torch.testing.assert_close(view(idx), model(idx), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # an in-place update shows in the view at once
+        model.blocks[0].mlp.fc.weight.mul_(1.5)
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(fast.decode_model(model)(idx), model(idx), rtol=1e-5, atol=1e-5)
+    finally:
+        with torch.no_grad():
+            model.blocks[0].mlp.fc.weight.div_(1.5)
+    other = GPT(model.config)
+    other.load_state_dict(model.state_dict(), assign=True)
+    fresh = fast.decode_model(other)
+    assert fresh is not view and next(fresh.parameters()) is next(other.parameters())
+    torch.set_num_threads(1)
+    assert fast.decode_model(model) is model  # one thread: nothing to split
+
+
+def test_generation_with_chunked_layers_equals_plain_layers(model, two_threads, monkeypatch):
+    rows = [PROMPTS[0], PROMPTS[1][:3]]
+    got = generation.generate(model, rows, max_new_tokens=12)
+    logits = [lg for _, lg in generation.decode_steps(model, rows, generation.GenerationConfig(max_new_tokens=12))]
+    monkeypatch.setattr(fast, "decode_model", lambda m: m)
+    assert generation.generate(model, rows, max_new_tokens=12) == got
+    plain = [lg for _, lg in generation.decode_steps(model, rows, generation.GenerationConfig(max_new_tokens=12))]
+    for a, b in zip(logits, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -12,14 +12,24 @@
 - `bucketed_cache_len`: the compiled step is specialised on the cache length, so the cache is
   rounded up to a multiple of CACHE_BUCKET slots; every request length inside a bucket reuses one
   compiled graph (the extra slots are masked out).
+- `decode_model(model)`: on CPU, a view of the model for decoding (the same parameter tensors,
+  nothing copied) whose linear layers and tied head run few-row inputs as `ChunkedLinear`: one
+  GEMV per thread over contiguous row blocks of the weight. A decode step reads every weight once
+  for one token, so it is bound by memory bandwidth, and MKL's fp32 GEMV streams a weight with
+  about one core's bandwidth whatever the thread count; `torch.bmm` over k = threads row blocks
+  runs the blocks on all cores (base preset, 2 cores: 23 ms instead of 35-40 ms for all weights
+  per token, docs/benchmarks.md). Many-row inputs (a long prefill) take F.linear as before.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import weakref
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .model import GPT
 from .quantize import is_quantized, quantize_int8
@@ -28,7 +38,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUANTIZE = ("int8",)
 CACHE_BUCKET = 64
 
+# ChunkedLinear takes F.linear above this many input rows: there the GEMM is compute-bound and MKL
+# already uses every core (crossover on 2 cores between 512 and 1024 rows: benchmarks/linear_layout.py).
+CHUNKED_MAX_ROWS = 512
+
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DECODE_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMPILED: dict = {}
 
 
@@ -76,3 +91,80 @@ def compiled(step):
 
 def bucketed_cache_len(need: int, max_seq_len: int) -> int:
     return min(max_seq_len, -(-need // CACHE_BUCKET) * CACHE_BUCKET)
+
+
+# ----------------------------------------------------------------------- CPU decode: chunked GEMV
+class ChunkedLinear(nn.Module):
+    """`F.linear(x, weight, bias)` for inputs of few rows, as `chunks` GEMVs run side by side.
+
+    The weight (out, in) is viewed (no copy) as `chunks` contiguous blocks of out/chunks rows; one
+    `torch.bmm` multiplies the input by every block, and ATen runs the batch entries on separate
+    threads, so each core streams its own part of the weight. The result equals F.linear up to the
+    order of the float sums (<= 1e-6 relative in fp32). Inputs of more than `max_rows` rows, and
+    calls that need gradients, go to F.linear.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int,
+                 max_rows: int = CHUNKED_MAX_ROWS) -> None:
+        super().__init__()
+        if weight.shape[0] % chunks:
+            raise ValueError(f"{weight.shape[0]} output features do not split into {chunks} equal blocks")
+        self.weight, self.bias = weight, bias  # the original Parameters, shared
+        self.chunks, self.max_rows = chunks, max_rows
+        # Views made once (a decode step calls each layer once per token, so ops per call count):
+        # they share the parameters' storage, so in-place weight updates show. decode_model builds
+        # a new view whenever a parameter tensor is replaced.
+        self._w = weight.detach().view(chunks, -1, weight.shape[1]).transpose(1, 2)  # (k, in, out/k)
+        self._b = None if bias is None else bias.detach().view(chunks, 1, -1)  # (k, 1, out/k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_in = x.shape[-1]
+        rows = x.numel() // n_in
+        if rows > self.max_rows or (torch.is_grad_enabled() and self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        # (1, T, in) as it comes from a decode step: expand directly (one op fewer per layer)
+        x2 = (x if x.dim() == 3 and x.shape[0] == 1 else x.reshape(1, rows, n_in)).expand(self.chunks, rows, n_in)
+        y = torch.bmm(x2, self._w) if self._b is None else torch.baddbmm(self._b, x2, self._w)
+        # (k, rows, out/k) -> (rows, out); for one row that is already the memory order.
+        if rows > 1:
+            y = y.transpose(0, 1)
+        return y.reshape(*x.shape[:-1], -1)
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, chunks={self.chunks}, max_rows={self.max_rows}"
+
+
+def decode_model(model: GPT) -> GPT:
+    """The model to run prefill and decode steps with.
+
+    On CPU with more than one thread: a cached view of `model` (its own module objects around the
+    same parameter and buffer tensors, so nothing is copied and in-place weight updates show) in which
+    every nn.Linear and the tied head are ChunkedLinear over torch.get_num_threads() blocks. The view
+    is rebuilt when the thread count or any parameter tensor changes. Elsewhere (accelerators, one
+    thread, an int8 or tensor-parallel model, a layer whose width does not split evenly) the layer
+    is left as it is, and `model` itself is returned when nothing changes.
+    """
+    k = torch.get_num_threads()
+    w = model.tok_emb.weight
+    # type(p.data) is a tensor subclass (DTensor) for a tensor-parallel model: left as it is.
+    if k < 2 or w.device.type != "cpu" or type(w.data) is not torch.Tensor or "head" in vars(model):
+        return model
+    key = (k, _weights_version(model))
+    cached = _DECODE_VIEWS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    view = copy.deepcopy(model, shared)
+    replaced = False
+    for parent in list(view.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and type(child.weight.data) is torch.Tensor and child.out_features % k == 0:
+                setattr(parent, name, ChunkedLinear(child.weight, child.bias, k))
+                replaced = True
+    if view.config.vocab_size % k == 0:
+        view.lm_head = ChunkedLinear(view.tok_emb.weight, None, k)
+        object.__setattr__(view, "head", view.lm_head)  # shadows GPT.head, as quantize_int8 does
+        replaced = True
+    result = view if replaced else model
+    _DECODE_VIEWS[model] = (key, result)
+    return result

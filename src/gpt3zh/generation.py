@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import difflib
 import warnings
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,31 +216,9 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ decoding
-_HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _output_head(model: GPT) -> torch.Tensor | None:
-    """A contiguous transposed copy (H, V) of the tied head for CPU, or None to use model.head.
-
-    On CPU `h @ Wt` with Wt laid out (H, V) is markedly faster than F.linear(h, W) with W (V, H) for
-    the wide vocabulary projection (see docs/benchmarks.md); accelerators take W as is, and the copy
-    would cost memory there. The copy is rebuilt whenever the embedding changes (in place or not).
-    """
-    w = model.tok_emb.weight
-    if w.device.type != "cpu" or "head" in vars(model):  # an instance `head` replaces the tied one (int8)
-        return None
-    key = (w.data_ptr(), w._version, w.dtype)
-    cached = _HEADS.get(model)
-    if cached is None or cached[0] != key:
-        with torch.inference_mode():
-            cached = (key, w.detach().t().contiguous())
-        _HEADS[model] = cached
-    return cached[1]
-
-
-def _last_logits(model: GPT, head_t, idx, positions, cache_pos, mask) -> torch.Tensor:
+def _last_logits(model: GPT, idx, positions, cache_pos, mask) -> torch.Tensor:
     h = model.hidden(idx, positions, cache_pos, mask)[:, -1]  # (B, H): only the last slot is sampled
-    return h @ head_t if head_t is not None else model.head(h)  # (B, V)
+    return model.head(h)  # (B, V)
 
 
 def _left_pad(rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,9 +239,13 @@ def _prefill_inputs(pad: torch.Tensor, P: int, S: int):
 
 
 class _DecodeBuffers:
-    """Static per-step inputs, rewritten in place so a step allocates nothing shape-dependent."""
+    """Static per-step inputs, rewritten in place so a step allocates nothing shape-dependent.
 
-    def __init__(self, pad: torch.Tensor, S: int) -> None:
+    The mask goes to attention as an additive float mask (0 attend, -inf hide), made once per step:
+    SDPA would otherwise convert a bool mask to that in every layer.
+    """
+
+    def __init__(self, pad: torch.Tensor, S: int, dtype: torch.dtype) -> None:
         B, dev = pad.shape[0], pad.device
         self.slots = torch.arange(S, device=dev)  # (S,)
         self.after_pad = (self.slots >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
@@ -272,13 +253,17 @@ class _DecodeBuffers:
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=dev)  # (1,) the slot being written
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (B, 1)
         self.visible = torch.zeros(S, dtype=torch.bool, device=dev)  # (S,)
-        self.mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=dev)  # (B, 1, 1, S)
+        self.attend = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=dev)  # (B, 1, 1, S)
+        self.mask = torch.zeros(B, 1, 1, S, dtype=dtype, device=dev)  # (B, 1, 1, S) additive
+        self._zero = torch.zeros((), dtype=dtype, device=dev)
+        self._hide = torch.full((), float("-inf"), dtype=dtype, device=dev)
 
     def set_slot(self, slot: torch.Tensor) -> None:
         self.cache_pos.copy_(slot)
         torch.sub(self.cache_pos, self.pad, out=self.positions)
         torch.le(self.slots, self.cache_pos, out=self.visible)
-        torch.logical_and(self.after_pad, self.visible, out=self.mask)
+        torch.logical_and(self.after_pad, self.visible, out=self.attend)
+        torch.where(self.attend, self._zero, self._hide, out=self.mask)
 
 
 def decode_steps(
@@ -297,7 +282,7 @@ def decode_steps(
     steps = cfg.max_new_tokens
     if steps == 0:
         return
-    model = fast.prepared(model, cfg.quantize, cfg.dtype)
+    model = fast.decode_model(fast.prepared(model, cfg.quantize, cfg.dtype))
     device = model.tok_emb.weight.device
     idx, pad = _left_pad(rows, device)  # (B, P), (B,)
     B, P = idx.shape
@@ -321,14 +306,13 @@ def decode_steps(
 def _decode_loop(model: GPT, idx: torch.Tensor, pad: torch.Tensor, S: int, cfg: GenerationConfig):
     B, P = idx.shape
     device = idx.device
-    head_t = _output_head(model)
     rng = None
     if cfg.seed is not None and not cfg.greedy:
         rng = torch.Generator(device=device).manual_seed(cfg.seed)
     seen = _seen_tokens(idx, pad, model.config.vocab_size) if cfg.repetition_penalty != 1.0 else None
     positions, mask = _prefill_inputs(pad, P, S)
-    logits = _last_logits(model, head_t, idx, positions, torch.arange(P, device=device), mask)  # (B, V)
-    bufs = _DecodeBuffers(pad, S)
+    logits = _last_logits(model, idx, positions, torch.arange(P, device=device), mask)  # (B, V)
+    bufs = _DecodeBuffers(pad, S, model.tok_emb.weight.dtype)
     slot = torch.full((1,), P, dtype=torch.long, device=device)
     step_logits = fast.compiled(_last_logits) if cfg.compile else _last_logits
     for step in range(cfg.max_new_tokens):
@@ -339,7 +323,7 @@ def _decode_loop(model: GPT, idx: torch.Tensor, pad: torch.Tensor, S: int, cfg: 
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
         bufs.set_slot(slot)
-        logits = step_logits(model, head_t, tok[:, None], bufs.positions, bufs.cache_pos, bufs.mask)
+        logits = step_logits(model, tok[:, None], bufs.positions, bufs.cache_pos, bufs.mask)
         slot += 1
 
 

@@ -54,7 +54,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache_pos: torch.Tensor | None, mask: torch.Tensor | None):
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, -1, 3, self.head_dim)  # (B, T, N, 3, D)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(3))  # each (B, N, T, D)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, N, T, D)
         if self.kv_cache is not None:
             if cache_pos is None:
                 raise ValueError("a KV cache is set up: pass cache_pos (the cache slots of the input tokens)")
@@ -152,7 +152,8 @@ class GPT(nn.Module):
 
         idx: (B, T) token ids. positions: (T,) or (B, T) position ids (default: cache_pos, else
         0..T-1). cache_pos: (T,) or (B, T) cache slots to write, required once a KV cache is set up.
-        mask: bool (B or 1, 1, T, S), True = attend; default causal over the slots.
+        mask: bool (B or 1, 1, T, S), True = attend, or a float mask of that shape added to the
+        attention scores (0 attend, -inf hide); default causal over the slots.
         """
         T = idx.shape[1]
         if positions is None:

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..generation import GenerationConfig, _output_head
+from .. import fast
+from ..generation import GenerationConfig
 from ..model import GPT, KVCache
 
 log = logging.getLogger("gpt3zh.serve")
@@ -280,7 +281,7 @@ class Engine:
         limits: EngineLimits = EngineLimits(),
         on_tokens: Callable[[int, int], None] | None = None,
     ) -> None:
-        self.model = model.eval()
+        self.model = fast.decode_model(model.eval())  # on CPU: chunked GEMV layers (fast.py)
         self.decode = decode
         self.limits = limits
         self.max_len = min(limits.max_len or model.config.max_seq_len, model.config.max_seq_len)
@@ -321,7 +322,6 @@ class Engine:
             return
         self.model.setup_kv_cache(self.limits.max_batch, self.max_len)
         self._caches = [block.attn.kv_cache for block in self.model.blocks]
-        self._head_t = _output_head(self.model)
         V = self.model.config.vocab_size
         self._seen = torch.zeros(self.limits.max_batch, V, dtype=torch.bool, device=self.device)
         self._slot_ids = torch.arange(self.max_len, device=self.device)  # (S,)
@@ -422,7 +422,7 @@ class Engine:
             block.attn.kv_cache = cache
         h = self.model.hidden(idx, pos, pos, mask)  # (n, T, H)
         h = h[torch.arange(n, device=self.device), torch.tensor(lens, device=self.device) - 1]  # (n, H)
-        logits = h @ self._head_t if self._head_t is not None else self.model.head(h)  # (n, V)
+        logits = self.model.head(h)  # (n, V)
         rows = torch.tensor([r for r, _, _ in batch], device=self.device)  # (n,)
         for full, part in zip(self._caches, scratch):
             full.k[rows, :, :s] = part.k
@@ -492,7 +492,7 @@ class Engine:
         for block, view in zip(self.model.blocks, views):
             block.attn.kv_cache = view
         h = self.model.hidden(idx, pos, pos, mask)[:, -1]  # (b, H)
-        return h @ self._head_t if self._head_t is not None else self.model.head(h)  # (b, V)
+        return self.model.head(h)  # (b, V)
 
     def _accept(self, r: int, row: _Row, tok: int) -> None:
         """Record a sampled token: emit its text, and finish the row if it stops."""

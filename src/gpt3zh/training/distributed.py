@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -48,9 +47,6 @@ from .loop import Trainer
 from .loop.trainer import (
     CKPT_DIR,
     STATE_FILE,
-    _atomic_write,
-    _latest,
-    _prune,
     _rng_state,
     _set_rng_state,
     _step_name,
@@ -152,11 +148,7 @@ class DistributedTrainer(Trainer):
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp, dest)
-            ppl = last_eval.get("ppl")
-            if ppl is not None and math.isfinite(ppl) and (best is None or ppl < best["ppl"]):
-                best = {"step": step, "ppl": ppl}
-                _atomic_write(ckpt_dir / "best.json", json.dumps(best))
-            _prune(ckpt_dir, self.cfg.train.keep_last, best)
+            best = self.record_best(ckpt_dir, step, last_eval, best)
         dist.barrier()  # nobody reads or overwrites a checkpoint that is still being renamed
         return best
 
@@ -164,12 +156,9 @@ class DistributedTrainer(Trainer):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        resume = self.cfg.train.resume
-        if resume is False:
-            return 0
-        path = _latest(self.work_dir / CKPT_DIR) if resume is True else Path(resume)
+        path = self.resume_path()
         if path is None:
-            raise FileNotFoundError(f"train.resume: no checkpoint under {self.work_dir / CKPT_DIR}")
+            return 0
         if not (path / DCP_DIR / ".metadata").is_file() or not (path / STATE_FILE).is_file():
             raise FileNotFoundError(
                 f"train.resume: {path} is not a distributed checkpoint (expected {DCP_DIR}/.metadata and "

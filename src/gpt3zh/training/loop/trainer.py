@@ -309,20 +309,13 @@ class Trainer:
         }
         if self.is_main:
             self.save_checkpoint(state, ckpt_dir / _step_name(step))
-            ppl = last_eval.get("ppl")
-            if ppl is not None and math.isfinite(ppl) and (best is None or ppl < best["ppl"]):
-                best = {"step": step, "ppl": ppl}
-                _atomic_write(ckpt_dir / "best.json", json.dumps(best))
-            _prune(ckpt_dir, self.cfg.train.keep_last, best)
+            best = self.record_best(ckpt_dir, step, last_eval, best)
         return best
 
     def maybe_resume(self, model, optimizer, scaler) -> int:
-        resume = self.cfg.train.resume
-        if resume is False:
-            return 0
-        path = _latest(self.work_dir / CKPT_DIR) if resume is True else Path(resume)
+        path = self.resume_path()
         if path is None:
-            raise FileNotFoundError(f"train.resume: no checkpoint under {self.work_dir / CKPT_DIR}")
+            return 0
         if not (path / STATE_FILE).is_file():
             raise FileNotFoundError(f"train.resume: {path} is not a checkpoint (no {STATE_FILE})")
         state = self.load_checkpoint(path)
@@ -331,6 +324,25 @@ class Trainer:
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         return int(state["step"])
+
+    def record_best(self, ckpt_dir: Path, step: int, last_eval: dict, best: dict | None) -> dict | None:
+        """After a checkpoint is in place (main rank): update best.json, prune, return the best."""
+        ppl = last_eval.get("ppl")
+        if ppl is not None and math.isfinite(ppl) and (best is None or ppl < best["ppl"]):
+            best = {"step": step, "ppl": ppl}
+            _atomic_write(ckpt_dir / "best.json", json.dumps(best))
+        _prune(ckpt_dir, self.cfg.train.keep_last, best)
+        return best
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint `train.resume` names (true: the latest), or None to start fresh."""
+        resume = self.cfg.train.resume
+        if resume is False:
+            return None
+        path = _latest(self.work_dir / CKPT_DIR) if resume is True else Path(resume)
+        if path is None:
+            raise FileNotFoundError(f"train.resume: no checkpoint under {self.work_dir / CKPT_DIR}")
+        return path
 
     # ------------------------------------------------------------------------------------ helpers
     @staticmethod
