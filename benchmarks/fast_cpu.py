@@ -21,11 +21,11 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from _timing import interleaved
 
 from gpt3zh import fast, generation
 from gpt3zh.config import PRESETS, GPTConfig
@@ -67,23 +67,6 @@ def gpt3zh_greedy(model: GPT, prompts: torch.Tensor, new: int, cache_len=None, *
     cfg = generation.GenerationConfig(max_new_tokens=new, **fast_options)
     toks = [tok for tok, _ in generation.decode_steps(model, prompts.tolist(), cfg, cache_len=cache_len)]
     return torch.stack(toks, 1).tolist()  # (B, new)
-
-
-def interleaved(impls: dict, runs: int) -> dict[str, tuple[float, list, float]]:
-    """{name: (median seconds, last output, warm-up seconds)}."""
-    warm = {}
-    for name, fn in impls.items():
-        t0 = time.perf_counter()
-        fn(warmup=True)
-        warm[name] = time.perf_counter() - t0
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    outs = {}
-    for _ in range(runs):
-        for name, fn in impls.items():
-            t0 = time.perf_counter()
-            outs[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(t), outs[name], warm[name]) for name, t in times.items()}
 
 
 def agreement(out: list[list[int]], ref: list[list[int]]) -> str:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
-import statistics
 import tempfile
 import time
 
 import torch
+from _timing import interleaved
 
 import gpt3zh
 from gpt3zh import fast, generation
@@ -79,20 +79,6 @@ def patched(module, name, value):
         setattr(module, name, old)
 
 
-def interleaved(impls: dict, runs: int) -> dict[str, tuple[float, list]]:
-    """{name: (median seconds, last output)}; run r of every impl happens before run r+1 of any."""
-    for fn in impls.values():
-        fn(warmup=True)  # a few tokens: allocator, thread pool, lazy inits
-    times: dict[str, list[float]] = {name: [] for name in impls}
-    outs: dict[str, list] = {}
-    for _ in range(runs):
-        for name, fn in impls.items():
-            t0 = time.perf_counter()
-            outs[name] = fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(t), outs[name]) for name, t in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="base", choices=list(PRESETS))
@@ -137,9 +123,9 @@ def main() -> None:
                 impls["gpt3zh cache=full context"] = bind(
                     lambda p, n: gpt3zh_greedy(model, p, n, cfg.max_seq_len))
             results = interleaved(impls, args.runs)
-            ref_s, ref = results["gpt3zh"]
+            ref_s, ref, _ = results["gpt3zh"]
             n = batch * args.new_tokens
-            for name, (secs, out) in results.items():
+            for name, (secs, out, _) in results.items():
                 report(name, batch, secs, n, ref_s, out == ref)
 
 

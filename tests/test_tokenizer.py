@@ -280,18 +280,21 @@ def test_missing_paths_name_the_path(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def rejects(source, file, message: str) -> None:
+    """load_tokenizer(source) fails with an error that names `file`, then matches `message` (a regex)."""
+    with pytest.raises(TokenizerError, match=rf"{re.escape(str(file))}: {message}"):
+        load_tokenizer(source)
+
+
 def test_truncated_tokenizer_json_names_the_file(tmp_path):
     real = (require_shared() / "modelscope-gpt3-1.3B" / "tokenizer.json").read_bytes()
     path = tmp_path / "tokenizer.json"
     path.write_bytes(real[: len(real) // 2])
-    with pytest.raises(TokenizerError, match=rf"{re.escape(str(path))}: not valid JSON"):
-        load_tokenizer(path)
+    rejects(path, path, r"not valid JSON")
     path.write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
-    with pytest.raises(TokenizerError, match=rf"{re.escape(str(path))}: tokenizers cannot load it"):
-        load_tokenizer(tmp_path)
+    rejects(tmp_path, path, r"tokenizers cannot load it")
     path.write_text('{"vocab": {}}')
-    with pytest.raises(TokenizerError, match=rf"{re.escape(str(path))}: not a Hugging Face tokenizers file"):
-        load_tokenizer(path)
+    rejects(path, path, r"not a Hugging Face tokenizers file")
 
 
 def test_invalid_utf8_vocab_names_the_file(tmp_path, bert_vocab):
@@ -299,32 +302,24 @@ def test_invalid_utf8_vocab_names_the_file(tmp_path, bert_vocab):
     head = bert_vocab.read_bytes()[:5000]
     head = head[: head.rindex(b"\n") + 1]  # whole lines, so the first bad byte is ours
     path.write_bytes(head + b"\xff\xfe broken\n")
-    with pytest.raises(TokenizerError, match=rf"{re.escape(str(path))}: not valid UTF-8 at byte {len(head)}"):
-        load_tokenizer(tmp_path)
+    rejects(tmp_path, path, rf"not valid UTF-8 at byte {len(head)}")
 
 
 def test_vocab_without_required_specials_names_them(tmp_path):
     path = tmp_path / "vocab.txt"
     path.write_text("[PAD]\n[UNK]\n[SEP]\n你\n好\n", encoding="utf-8")
-    with pytest.raises(TokenizerError, match=rf"{re.escape(str(path))}: .*lacks.*\[CLS\]"):
-        load_tokenizer(path)
+    rejects(path, path, r".*lacks.*\[CLS\]")
 
 
 def test_unknown_kind_in_config_names_the_file(tmp_path, poems):
     tk.train_char_tokenizer(poems[:5], tmp_path)
     config = tmp_path / "tokenizer_config.json"
     config.write_text('{"type": "sentencepiece"}')
-    with pytest.raises(
-        TokenizerError,
-        match=rf"{re.escape(str(config))}: type 'sentencepiece' is not one of jieba_bpe, bert, hf",
-    ):
-        load_tokenizer(tmp_path)
+    rejects(tmp_path, config, r"type 'sentencepiece' is not one of jieba_bpe, bert, hf")
     config.write_text('{"type": "hf", "eos": "</s>"}')
-    with pytest.raises(TokenizerError, match=rf"{re.escape(str(config))}: unknown keys \['eos'\]"):
-        load_tokenizer(tmp_path)
+    rejects(tmp_path, config, r"unknown keys \['eos'\]")
     config.write_text('{"type": "hf", ')
-    with pytest.raises(TokenizerError, match=rf"{re.escape(str(config))}: not valid JSON"):
-        load_tokenizer(tmp_path)
+    rejects(tmp_path, config, r"not valid JSON")
     config.write_text('{"type": "hf", "eod_token": "<eos>"}')
     with pytest.raises(TokenizerError, match=r"lacks required special tokens: '<eos>' \(eod_token\)"):
         load_tokenizer(tmp_path)

@@ -17,8 +17,8 @@
   GEMV per thread over contiguous row blocks of the weight. A decode step reads every weight once
   for one token, so it is bound by memory bandwidth, and MKL's fp32 GEMV streams a weight with
   about one core's bandwidth whatever the thread count; `torch.bmm` over k = threads row blocks
-  runs the blocks on all cores (base preset, 2 cores: 23 ms instead of 35-40 ms for all weights
-  per token, docs/benchmarks.md). Many-row inputs (a long prefill) take F.linear as before.
+  runs the blocks on all cores (base preset, 2 cores: 28.6 ms instead of F.linear's 39.6 ms for
+  all weights once, benchmarks/linear_layout.py and docs/benchmarks.md). Many-row inputs (a long prefill) take F.linear as before.
 """
 
 from __future__ import annotations
