@@ -206,6 +206,62 @@ def test_decode_model_shares_the_weights_and_follows_them(model, two_threads):
     assert fast.decode_model(model) is model  # one thread: nothing to split
 
 
+def test_lean_step_equals_the_modules(model, two_threads, monkeypatch):
+    view = fast.decode_model(model)
+    step = fast.decode_step(view)
+    assert isinstance(step, fast.LeanStep) and fast.decode_step(view) is step  # made once per view
+    assert fast.decode_step(model) is None  # plain modules: the caller runs them
+    view.train()
+    assert fast.decode_step(view) is None  # dropout would be skipped: training mode runs the modules
+    view.eval()
+    # generation (shared cache slot, ragged rows, sampling): the same tokens and logits either way
+    rows = [PROMPTS[0], PROMPTS[1][:1], PROMPTS[1]]
+    cfg = generation.GenerationConfig(max_new_tokens=NEW, do_sample=True, seed=3, top_k=10, repetition_penalty=1.2)
+    lean = list(generation.decode_steps(model, rows, cfg))
+    monkeypatch.setattr(fast, "decode_step", lambda m: None)
+    plain = list(generation.decode_steps(model, rows, cfg))
+    assert len(lean) == len(plain) == NEW
+    for (tok, logits), (ref_tok, ref_logits) in zip(lean, plain):
+        assert tok.tolist() == ref_tok.tolist()
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    # no padding (one row, two equal-length rows): the lean step runs without a mask
+    for rows in ([PROMPTS[0]], [PROMPTS[0], PROMPTS[0][::-1]]):
+        monkeypatch.undo()
+        lean = list(generation.decode_steps(model, rows, cfg))
+        monkeypatch.setattr(fast, "decode_step", lambda m: None)
+        plain = list(generation.decode_steps(model, rows, cfg))
+        for (tok, logits), (ref_tok, ref_logits) in zip(lean, plain):
+            assert tok.tolist() == ref_tok.tolist()
+            torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    # the serving engine's form: every row at its own slot (cache_pos (B, 1)), a bool mask
+    torch.manual_seed(1)
+    view.setup_kv_cache(2, 16)
+    try:
+        with torch.inference_mode():
+            for block in view.blocks:
+                block.attn.kv_cache.k.normal_()
+                block.attn.kv_cache.v.normal_()
+            before = [(b.attn.kv_cache.k.clone(), b.attn.kv_cache.v.clone()) for b in view.blocks]
+            idx, pos = torch.tensor([[3], [9]]), torch.tensor([[2], [11]])
+            mask = (torch.arange(16) <= pos[:, :, None])[:, None]  # (2, 1, 1, 16)
+            ref = view.head(view.hidden(idx, pos, pos, mask)[:, -1])
+            written = [(b.attn.kv_cache.k.clone(), b.attn.kv_cache.v.clone()) for b in view.blocks]
+            for block, (k, v) in zip(view.blocks, before):
+                block.attn.kv_cache.k.copy_(k)
+                block.attn.kv_cache.v.copy_(v)
+            got = step(view, idx, pos, pos, mask)
+            assert got.shape == (2, model.config.vocab_size)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+            for block, (k, v) in zip(view.blocks, written):  # the same cache slots written
+                torch.testing.assert_close(block.attn.kv_cache.k, k, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(block.attn.kv_cache.v, v, rtol=1e-5, atol=1e-5)
+            with pytest.raises(ValueError, match="without a mask needs one shared cache slot"):
+                step(view, idx, pos, pos, None)
+    finally:
+        view.clear_kv_cache()
+
+
 def test_generation_with_chunked_layers_equals_plain_layers(model, two_threads, monkeypatch):
     rows = [PROMPTS[0], PROMPTS[1][:3]]
     got = generation.generate(model, rows, max_new_tokens=12)

@@ -44,6 +44,7 @@ CHUNKED_MAX_ROWS = 512
 
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _DECODE_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LEAN_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMPILED: dict = {}
 
 
@@ -168,3 +169,87 @@ def decode_model(model: GPT) -> GPT:
     result = view if replaced else model
     _DECODE_VIEWS[model] = (key, result)
     return result
+
+
+# ------------------------------------------------------------------ CPU decode: the one-token step
+def decode_step(model: GPT):
+    """The function that runs one decode step of `model`: `(model, idx (B, 1), positions (B, 1),
+    cache_pos, mask) -> logits (B, V)`, the signature of generation's `_last_logits`.
+
+    For a CPU decode view (`decode_model`) in eval mode this is `LeanStep`: the same computation as
+    the modules' forward, written as one flat loop over the layers' tensors. A decode step on CPU
+    is ~50 GEMVs plus ~200 small ops; between two GEMVs that each stream megabytes of weights, the
+    small ops and the Python around them run with cold caches, so every module call and view
+    saved counts (base preset, 2 cores: ~3 ms of a ~33 ms step, docs/benchmarks.md). Otherwise
+    (not a decode view, training mode): None, and the caller runs the modules.
+    """
+    cached = _LEAN_STEPS.get(model)
+    if cached is None:
+        if not any(type(m) is ChunkedLinear for m in model.modules()):
+            return None
+        cached = _LEAN_STEPS[model] = LeanStep(model)
+    return None if model.training else cached
+
+
+class LeanStep:
+    """Model.hidden + head for one new token per row, in eval mode, as a flat loop (see decode_step).
+
+    Reads the model's parameters, KV caches and ChunkedLinear views at call time (nothing copied);
+    a layer that is a plain nn.Linear runs F.linear. Numerically it is the modules' computation
+    op for op, so its logits equal theirs (tests/test_fast.py).
+    """
+
+    def __init__(self, model: GPT) -> None:
+        self.model = model
+        cfg = model.config
+        self.shape, self.eps = (cfg.d_model,), cfg.ln_eps
+        self.head_dim = cfg.head_dim
+        self.layers = [
+            (b.ln_1.weight, b.ln_1.bias, _gemv_args(b.attn.qkv), b.attn, _gemv_args(b.attn.proj),
+             b.ln_2.weight, b.ln_2.bias, _gemv_args(b.mlp.fc), b.mlp.approximate, _gemv_args(b.mlp.proj))
+            for b in model.blocks
+        ]
+        head = vars(model).get("head")  # decode_model's ChunkedLinear, shadowing GPT.head (tied)
+        self.head = _gemv_args(head) if isinstance(head, nn.Module) else (model.tok_emb.weight, None, 0)
+
+    def __call__(self, model, idx, positions, cache_pos, mask) -> torch.Tensor:
+        """mask: (B, 1, 1, S), bool or additive float. None when no row is padded and every row
+        writes the same slot (cache_pos (1,)): the step then attends to slots 0..cache_pos only,
+        which is what the causal mask would allow, without building or applying a mask."""
+        # Called inside generation's inference mode; dropout is off (eval mode, see decode_step).
+        filled = None
+        if mask is None:
+            if cache_pos.dim() != 1:
+                raise ValueError("LeanStep without a mask needs one shared cache slot, cache_pos of shape (1,)")
+            filled = int(cache_pos[-1]) + 1  # a CPU tensor: no device sync
+        m = self.model
+        B, D, shape, eps = idx.shape[0], self.head_dim, self.shape, self.eps
+        x = (F.embedding(idx, m.tok_emb.weight) + F.embedding(positions, m.pos_emb.weight)).view(B, -1)  # (B, H)
+        for ln1_w, ln1_b, qkv, attn, proj, ln2_w, ln2_b, fc, approximate, fc2 in self.layers:
+            h = _gemv(F.layer_norm(x, shape, ln1_w, ln1_b, eps), *qkv).view(B, 1, -1, 3, D)  # (B, 1, N, 3, D)
+            q, k, v = h.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, N, 1, D)
+            k, v = attn.kv_cache.update(cache_pos, k, v)  # (B, N, S, D)
+            if filled is not None:
+                k, v = k[:, :, :filled], v[:, :, :filled]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, N, 1, D)
+            x = x + _gemv(y.view(B, -1) if B == 1 else y.transpose(1, 2).reshape(B, -1), *proj)
+            h = F.gelu(_gemv(F.layer_norm(x, shape, ln2_w, ln2_b, eps), *fc), approximate=approximate)
+            x = x + _gemv(h, *fc2)
+        return _gemv(F.layer_norm(x, shape, m.ln_f.weight, m.ln_f.bias, eps), *self.head)  # (B, V)
+
+
+def _gemv_args(layer: nn.Module) -> tuple:
+    """(weight, bias, chunks) for _gemv: a ChunkedLinear's block views, or an nn.Linear's own."""
+    if type(layer) is ChunkedLinear:
+        return layer._w, layer._b, layer.chunks
+    return layer.weight, layer.bias, 0
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, chunks: int) -> torch.Tensor:
+    """(B, in) -> (B, out): ChunkedLinear.forward for few rows without its checks, or F.linear."""
+    if not chunks:
+        return F.linear(x, w, b)
+    B = x.shape[0]
+    x3 = x.view(1, B, -1).expand(chunks, B, -1)
+    y = torch.bmm(x3, w) if b is None else torch.baddbmm(b, x3, w)  # (k, B, out/k)
+    return y.view(1, -1) if B == 1 else y.transpose(0, 1).reshape(B, -1)

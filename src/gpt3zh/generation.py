@@ -242,28 +242,33 @@ class _DecodeBuffers:
     """Static per-step inputs, rewritten in place so a step allocates nothing shape-dependent.
 
     The mask goes to attention as an additive float mask (0 attend, -inf hide), made once per step:
-    SDPA would otherwise convert a bool mask to that in every layer.
+    SDPA would otherwise convert a bool mask to that in every layer. With `masked=False` (no row is
+    padded and the step function attends to the filled slots by itself, fast.LeanStep) there is no
+    mask: `mask` is None.
     """
 
-    def __init__(self, pad: torch.Tensor, S: int, dtype: torch.dtype) -> None:
+    def __init__(self, pad: torch.Tensor, S: int, dtype: torch.dtype, masked: bool = True) -> None:
         B, dev = pad.shape[0], pad.device
-        self.slots = torch.arange(S, device=dev)  # (S,)
-        self.after_pad = (self.slots >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
         self.pad = pad[:, None]  # (B, 1)
         self.cache_pos = torch.zeros(1, dtype=torch.long, device=dev)  # (1,) the slot being written
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (B, 1)
-        self.visible = torch.zeros(S, dtype=torch.bool, device=dev)  # (S,)
-        self.attend = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=dev)  # (B, 1, 1, S)
-        self.mask = torch.zeros(B, 1, 1, S, dtype=dtype, device=dev)  # (B, 1, 1, S) additive
-        self._zero = torch.zeros((), dtype=dtype, device=dev)
-        self._hide = torch.full((), float("-inf"), dtype=dtype, device=dev)
+        self.mask = None
+        if masked:
+            self.slots = torch.arange(S, device=dev)  # (S,)
+            self.after_pad = (self.slots >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
+            self.visible = torch.zeros(S, dtype=torch.bool, device=dev)  # (S,)
+            self.attend = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=dev)  # (B, 1, 1, S)
+            self.mask = torch.zeros(B, 1, 1, S, dtype=dtype, device=dev)  # (B, 1, 1, S) additive
+            self._zero = torch.zeros((), dtype=dtype, device=dev)
+            self._hide = torch.full((), float("-inf"), dtype=dtype, device=dev)
 
     def set_slot(self, slot: torch.Tensor) -> None:
         self.cache_pos.copy_(slot)
         torch.sub(self.cache_pos, self.pad, out=self.positions)
-        torch.le(self.slots, self.cache_pos, out=self.visible)
-        torch.logical_and(self.after_pad, self.visible, out=self.attend)
-        torch.where(self.attend, self._zero, self._hide, out=self.mask)
+        if self.mask is not None:
+            torch.le(self.slots, self.cache_pos, out=self.visible)
+            torch.logical_and(self.after_pad, self.visible, out=self.attend)
+            torch.where(self.attend, self._zero, self._hide, out=self.mask)
 
 
 def decode_steps(
@@ -312,9 +317,11 @@ def _decode_loop(model: GPT, idx: torch.Tensor, pad: torch.Tensor, S: int, cfg: 
     seen = _seen_tokens(idx, pad, model.config.vocab_size) if cfg.repetition_penalty != 1.0 else None
     positions, mask = _prefill_inputs(pad, P, S)
     logits = _last_logits(model, idx, positions, torch.arange(P, device=device), mask)  # (B, V)
-    bufs = _DecodeBuffers(pad, S, model.tok_emb.weight.dtype)
+    lean = None if cfg.compile else fast.decode_step(model)
+    step_logits = fast.compiled(_last_logits) if cfg.compile else (lean or _last_logits)
+    # Without padding (every batch of one) the lean step needs no mask: it attends to the filled slots.
+    bufs = _DecodeBuffers(pad, S, model.tok_emb.weight.dtype, masked=lean is None or bool(pad.any()))
     slot = torch.full((1,), P, dtype=torch.long, device=device)
-    step_logits = fast.compiled(_last_logits) if cfg.compile else _last_logits
     for step in range(cfg.max_new_tokens):
         tok = sample(logits, cfg, seen, rng)  # (B,)
         yield tok, logits

@@ -491,6 +491,9 @@ class Engine:
             views = self._views[b, slots] = [_CacheView(c, slice(0, b), slots) for c in self._caches]
         for block, view in zip(self.model.blocks, views):
             block.attn.kv_cache = view
+        step = fast.decode_step(self.model)  # on CPU: the flat one-token step (fast.LeanStep)
+        if step is not None:
+            return step(self.model, idx, pos, pos, mask)  # (b, V)
         h = self.model.hidden(idx, pos, pos, mask)[:, -1]  # (b, H)
         return self.model.head(h)  # (b, V)
 
