@@ -7,8 +7,9 @@ All implementations run side by side in one process and their runs are interleav
 after one short warm-up each), so load from other processes on a shared machine hits them all
 alike; the median of the runs is reported. Prints seconds and tokens/s per implementation, how many
 times faster gpt3zh is, and whether each produced exactly gpt3zh's tokens. `--ablate` also times
-gpt3zh with every layer as plain F.linear(x, W) (no chunked GEMV, fast.decode_model off) and with a
-KV cache of the full context, to show what those two choices are worth.
+gpt3zh with its decode steps run through the modules' forward (fast.LeanStep off), with every layer
+as plain F.linear(x, W) (no chunked GEMV, fast.decode_model off) and with a KV cache of the full
+context, to show what those choices are worth.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ def plain_linear(model, prompts, new):
         return gpt3zh_greedy(model, prompts, new)
 
 
+def module_steps(model, prompts, new):
+    """gpt3zh decode steps through the modules' forward (fast.LeanStep disabled)."""
+    with patched(fast, "decode_step", lambda m: None):
+        return gpt3zh_greedy(model, prompts, new)
+
+
 @contextlib.contextmanager
 def patched(module, name, value):
     old = getattr(module, name)
@@ -119,6 +126,7 @@ def main() -> None:
             if "recompute" in args.baselines and batch <= args.recompute_max_batch:
                 impls["full recompute (ModelScope)"] = bind(lambda p, n: recompute_greedy(model, p, n))
             if args.ablate:
+                impls["gpt3zh module steps"] = bind(lambda p, n: module_steps(model, p, n))
                 impls["gpt3zh F.linear layers"] = bind(lambda p, n: plain_linear(model, p, n))
                 impls["gpt3zh cache=full context"] = bind(
                     lambda p, n: gpt3zh_greedy(model, p, n, cfg.max_seq_len))
