@@ -4,8 +4,10 @@ Inductor compiles are slow on a small shared CPU, so every compiled call here us
 2, one cache bucket) per model: two compiles in all (fp32, int8).
 """
 
+import gc
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -260,6 +262,27 @@ def test_lean_step_equals_the_modules(model, two_threads, monkeypatch):
                 step(view, idx, pos, pos, None)
     finally:
         view.clear_kv_cache()
+
+
+def test_lean_step_with_unsplit_layers_and_no_leak(two_threads, monkeypatch):
+    # vocab 127 does not split into 2 blocks: the head stays F.linear inside the lean step
+    torch.manual_seed(2)
+    cfg = GPTConfig(vocab_size=127, n_layer=2, n_head=4, d_model=32, max_seq_len=64, dropout=0.0, attn_dropout=0.0)
+    odd = GPT(cfg).eval()
+    view = fast.decode_model(odd)
+    assert "head" not in vars(view) and isinstance(fast.decode_step(view), fast.LeanStep)
+    rows = [PROMPTS[0], PROMPTS[1]]
+    lean = list(generation.decode_steps(odd, rows, generation.GenerationConfig(max_new_tokens=6)))
+    monkeypatch.setattr(fast, "decode_step", lambda m: None)
+    plain = list(generation.decode_steps(odd, rows, generation.GenerationConfig(max_new_tokens=6)))
+    for (tok, logits), (ref_tok, ref_logits) in zip(lean, plain):
+        assert tok.tolist() == ref_tok.tolist()
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    # the cached view and step never keep a dropped model's weights alive
+    weight, view_ref = weakref.ref(odd.tok_emb.weight), weakref.ref(view)
+    del odd, view, lean, plain
+    gc.collect()
+    assert weight() is None and view_ref() is None
 
 
 def test_generation_with_chunked_layers_equals_plain_layers(model, two_threads, monkeypatch):

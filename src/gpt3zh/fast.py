@@ -196,13 +196,14 @@ def decode_step(model: GPT):
 class LeanStep:
     """Model.hidden + head for one new token per row, in eval mode, as a flat loop (see decode_step).
 
-    Reads the model's parameters, KV caches and ChunkedLinear views at call time (nothing copied);
-    a layer that is a plain nn.Linear runs F.linear. Numerically it is the modules' computation
+    Called with the view it was made for. Reads its parameters, KV caches and ChunkedLinear views at
+    call time (nothing copied); a layer that is a plain nn.Linear runs F.linear. Numerically it is the modules' computation
     op for op, so its logits equal theirs (tests/test_fast.py).
     """
 
     def __init__(self, model: GPT) -> None:
-        self.model = model
+        # No reference to `model` itself: _LEAN_STEPS is keyed weakly by it, and a value that held
+        # its key would keep the view, and through it the weights, alive for ever.
         cfg = model.config
         self.shape, self.eps = (cfg.d_model,), cfg.ln_eps
         self.head_dim = cfg.head_dim
@@ -224,7 +225,7 @@ class LeanStep:
             if cache_pos.dim() != 1:
                 raise ValueError("LeanStep without a mask needs one shared cache slot, cache_pos of shape (1,)")
             filled = int(cache_pos[-1]) + 1  # a CPU tensor: no device sync
-        m = self.model
+        m = model
         B, D, shape, eps = idx.shape[0], self.head_dim, self.shape, self.eps
         x = (F.embedding(idx, m.tok_emb.weight) + F.embedding(positions, m.pos_emb.weight)).view(B, -1)  # (B, H)
         for ln1_w, ln1_b, qkv, attn, proj, ln2_w, ln2_b, fc, approximate, fc2 in self.layers:
