@@ -260,6 +260,8 @@ def test_lean_step_equals_the_modules(model, two_threads, monkeypatch):
                 torch.testing.assert_close(block.attn.kv_cache.v, v, rtol=1e-5, atol=1e-5)
             with pytest.raises(ValueError, match="without a mask needs one shared cache slot"):
                 step(view, idx, pos, pos, None)
+            with pytest.raises(ValueError, match=r"one new token per row, got idx of shape \(2, 2\)"):
+                step(view, idx.repeat(1, 2), pos.repeat(1, 2), pos.repeat(1, 2), mask)
     finally:
         view.clear_kv_cache()
 

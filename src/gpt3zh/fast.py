@@ -197,8 +197,8 @@ class LeanStep:
     """Model.hidden + head for one new token per row, in eval mode, as a flat loop (see decode_step).
 
     Called with the view it was made for. Reads its parameters, KV caches and ChunkedLinear views at
-    call time (nothing copied); a layer that is a plain nn.Linear runs F.linear. Numerically it is the modules' computation
-    op for op, so its logits equal theirs (tests/test_fast.py).
+    call time (nothing copied); a layer that is a plain nn.Linear runs F.linear. Numerically it is
+    the modules' computation op for op, so its logits equal theirs (tests/test_fast.py).
     """
 
     def __init__(self, model: GPT) -> None:
@@ -220,14 +220,16 @@ class LeanStep:
         writes the same slot (cache_pos (1,)): the step then attends to slots 0..cache_pos only,
         which is what the causal mask would allow, without building or applying a mask."""
         # Called inside generation's inference mode; dropout is off (eval mode, see decode_step).
+        B, T = idx.shape
+        if T != 1:
+            raise ValueError(f"LeanStep runs one new token per row, got idx of shape {tuple(idx.shape)}")
         filled = None
         if mask is None:
             if cache_pos.dim() != 1:
                 raise ValueError("LeanStep without a mask needs one shared cache slot, cache_pos of shape (1,)")
             filled = int(cache_pos[-1]) + 1  # a CPU tensor: no device sync
-        m = model
-        B, D, shape, eps = idx.shape[0], self.head_dim, self.shape, self.eps
-        x = (F.embedding(idx, m.tok_emb.weight) + F.embedding(positions, m.pos_emb.weight)).view(B, -1)  # (B, H)
+        D, shape, eps = self.head_dim, self.shape, self.eps
+        x = (F.embedding(idx, model.tok_emb.weight) + F.embedding(positions, model.pos_emb.weight)).view(B, -1)  # (B, H)
         for ln1_w, ln1_b, qkv, attn, proj, ln2_w, ln2_b, fc, approximate, fc2 in self.layers:
             h = _gemv(F.layer_norm(x, shape, ln1_w, ln1_b, eps), *qkv).view(B, 1, -1, 3, D)  # (B, 1, N, 3, D)
             q, k, v = h.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, N, 1, D)
@@ -238,7 +240,7 @@ class LeanStep:
             x = x + _gemv(y.view(B, -1) if B == 1 else y.transpose(1, 2).reshape(B, -1), *proj)
             h = F.gelu(_gemv(F.layer_norm(x, shape, ln2_w, ln2_b, eps), *fc), approximate=approximate)
             x = x + _gemv(h, *fc2)
-        return _gemv(F.layer_norm(x, shape, m.ln_f.weight, m.ln_f.bias, eps), *self.head)  # (B, V)
+        return _gemv(F.layer_norm(x, shape, model.ln_f.weight, model.ln_f.bias, eps), *self.head)  # (B, V)
 
 
 def _gemv_args(layer: nn.Module) -> tuple:

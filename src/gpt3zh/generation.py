@@ -309,7 +309,7 @@ def decode_steps(
 # code between steps runs in its own grad mode.
 @torch.inference_mode()
 def _decode_loop(model: GPT, idx: torch.Tensor, pad: torch.Tensor, S: int, cfg: GenerationConfig):
-    B, P = idx.shape
+    P = idx.shape[1]
     device = idx.device
     rng = None
     if cfg.seed is not None and not cfg.greedy:
