@@ -266,6 +266,17 @@ def test_lean_step_equals_the_modules(model, two_threads, monkeypatch):
         view.clear_kv_cache()
 
 
+def test_lean_step_in_bf16_equals_the_modules(model, two_threads, monkeypatch):
+    cfg = generation.GenerationConfig(max_new_tokens=8, dtype="bfloat16")
+    lean = list(generation.decode_steps(model, PROMPTS, cfg))
+    assert isinstance(fast.decode_step(fast.decode_model(fast.prepared(model, dtype="bfloat16"))), fast.LeanStep)
+    monkeypatch.setattr(fast, "decode_step", lambda m: None)
+    plain = list(generation.decode_steps(model, PROMPTS, cfg))
+    for (tok, logits), (ref_tok, ref_logits) in zip(lean, plain):
+        assert logits.dtype == torch.bfloat16 and tok.tolist() == ref_tok.tolist()
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-2, atol=1e-2)
+
+
 def test_lean_step_with_unsplit_layers_and_no_leak(two_threads, monkeypatch):
     # vocab 127 does not split into 2 blocks: the head stays F.linear inside the lean step
     torch.manual_seed(2)
