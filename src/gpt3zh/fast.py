@@ -125,13 +125,7 @@ class ChunkedLinear(nn.Module):
         rows = x.numel() // n_in
         if rows > self.max_rows or (torch.is_grad_enabled() and self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)
-        # (1, T, in) as it comes from a decode step: expand directly (one op fewer per layer)
-        x2 = (x if x.dim() == 3 and x.shape[0] == 1 else x.reshape(1, rows, n_in)).expand(self.chunks, rows, n_in)
-        y = torch.bmm(x2, self._w) if self._b is None else torch.baddbmm(self._b, x2, self._w)
-        # (k, rows, out/k) -> (rows, out); for one row that is already the memory order.
-        if rows > 1:
-            y = y.transpose(0, 1)
-        return y.reshape(*x.shape[:-1], -1)
+        return _gemv(x.reshape(rows, n_in), self._w, self._b, self.chunks).view(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, chunks={self.chunks}, max_rows={self.max_rows}"
@@ -170,6 +164,8 @@ def decode_model(model: GPT) -> GPT:
         replaced = True
     result = view if replaced else model
     _DECODE_VIEWS[model] = (key, result)
+    if replaced:
+        _LEAN_STEPS[view] = LeanStep(view)
     return result
 
 
@@ -185,12 +181,8 @@ def decode_step(model: GPT):
     saved counts (base preset, 2 cores: ~3 ms of a ~33 ms step, docs/benchmarks.md). Otherwise
     (not a decode view, training mode): None, and the caller runs the modules.
     """
-    cached = _LEAN_STEPS.get(model)
-    if cached is None:
-        if not any(type(m) is ChunkedLinear for m in model.modules()):
-            return None
-        cached = _LEAN_STEPS[model] = LeanStep(model)
-    return None if model.training else cached
+    step = _LEAN_STEPS.get(model)  # made by decode_model with the view
+    return None if model.training else step
 
 
 class LeanStep:
@@ -251,7 +243,7 @@ def _gemv_args(layer: nn.Module) -> tuple:
 
 
 def _gemv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, chunks: int) -> torch.Tensor:
-    """(B, in) -> (B, out): ChunkedLinear.forward for few rows without its checks, or F.linear."""
+    """(B, in) -> (B, out): the chunked GEMV (ChunkedLinear's few-row path), or F.linear (chunks 0)."""
     if not chunks:
         return F.linear(x, w, b)
     B = x.shape[0]
