@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 from _timing import interleaved
 
-from gpt3zh import fast, generation
-from gpt3zh.config import PRESETS, GPTConfig
+from gpt3zh import generation
+from gpt3zh.config import PRESETS, GenerationConfig, GenerationDefaults, GPTConfig
+from gpt3zh.engine import STATIC_BUCKET, Request, TokenEvent
+from gpt3zh.inference import prepare
 from gpt3zh.model import GPT
 from gpt3zh.quantize import quantize_int8
 
@@ -43,7 +45,7 @@ def hf_from_model(model: GPT, dtype=torch.float32):
     from gpt3zh.checkpoint import configs, tables
 
     cfg = model.config
-    hf_cfg, _ = configs.config_to_hf(cfg, model.generation_defaults, "float32")
+    hf_cfg, _ = configs.config_to_hf(cfg, GenerationDefaults(), "float32")
     with torch.device("meta"):
         hf = GPT2LMHeadModel(GPT2Config(**hf_cfg))
     sd = tables.to_foreign({k: v.detach().to(dtype) for k, v in model.state_dict().items()}, tables.HF, cfg)
@@ -63,10 +65,22 @@ def hf_greedy(hf, prompts: torch.Tensor, new: int) -> list[list[int]]:
     return out[:, prompts.shape[1]:].tolist()
 
 
-def gpt3zh_greedy(model: GPT, prompts: torch.Tensor, new: int, cache_len=None, **fast_options) -> list[list[int]]:
-    cfg = generation.GenerationConfig(max_new_tokens=new, **fast_options)
-    toks = [tok for tok, _ in generation.decode_steps(model, prompts.tolist(), cfg, cache_len=cache_len)]
-    return torch.stack(toks, 1).tolist()  # (B, new)
+def gpt3zh_greedy(model, prompts: torch.Tensor, new: int, cache_len=None, **inference) -> list[list[int]]:
+    """The new tokens (B, new) of greedy generation without stop ids, through gpt3zh.generation.run."""
+    prepared = prepare(model, **inference)
+    cfg = GenerationConfig(max_new_tokens=new)
+    reqs = [Request(row, cfg, index=i) for i, row in enumerate(prompts.tolist())]
+    out: list[list[int]] = [[] for _ in reqs]
+    for events in generation.run(prepared, reqs, cache_len=cache_len):
+        for ev in events:
+            if isinstance(ev, TokenEvent):
+                out[ev.request.index].append(ev.token_id)
+    return out
+
+
+def bucketed(need: int, limit: int) -> int:
+    """The cache length a compiled engine uses for `need` slots (so a warm-up compiles the same graph)."""
+    return min(limit, -(-need // STATIC_BUCKET) * STATIC_BUCKET)
 
 
 def agreement(out: list[list[int]], ref: list[list[int]]) -> str:
@@ -80,11 +94,12 @@ def speed_table(model: GPT, batch: int, prompt_len: int, new: int, runs: int, wi
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
     # The warm-up decodes 4 tokens into the cache length of the timed run, so it compiles the graph
     # the timed runs use.
-    cache_len = fast.bucketed_cache_len(prompt_len + new - 1, model.config.max_seq_len)
+    cache_len = bucketed(prompt_len + new - 1, model.config.max_seq_len)
 
     def ours(**opts):
-        return lambda warmup=False: gpt3zh_greedy(model, prompts, 4 if warmup else new,
-                                                  cache_len if warmup and opts.get("compile") else None, **opts)
+        prepared = prepare(model, **opts)  # held here: prepare() caches one variant per model
+        return lambda warmup=False: gpt3zh_greedy(prepared, prompts, 4 if warmup else new,
+                                                  cache_len if warmup and opts.get("compile") else None)
 
     impls = {
         "gpt3zh fp32 eager": ours(),

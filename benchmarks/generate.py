@@ -7,15 +7,14 @@ All implementations run side by side in one process and their runs are interleav
 after one short warm-up each), so load from other processes on a shared machine hits them all
 alike; the median of the runs is reported. Prints seconds and tokens/s per implementation, how many
 times faster gpt3zh is, and whether each produced exactly gpt3zh's tokens. `--ablate` also times
-gpt3zh with its decode steps run through the modules' forward (fast.LeanStep off), with every layer
-as plain F.linear(x, W) (no chunked GEMV, fast.decode_model off) and with a KV cache of the full
-context, to show what those choices are worth.
+gpt3zh with its decode steps run through the modules' forward (the chunked layers kept, the flat
+step off), with the CPU kernels off altogether (`cpu_kernels=False`: F.linear layers, module
+steps) and with a KV cache of the full context, to show what those choices are worth.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import tempfile
 import time
@@ -24,16 +23,14 @@ import torch
 from _timing import interleaved
 
 import gpt3zh
-from gpt3zh import fast, generation
+from fast_cpu import gpt3zh_greedy as new_tokens
 from gpt3zh.config import PRESETS
+from gpt3zh.inference import InferenceModel, prepare
 from gpt3zh.model import GPT
 
 
 def gpt3zh_greedy(model, prompts, new, cache_len=None):
-    cfg = generation.GenerationConfig(max_new_tokens=new)
-    rows = prompts.tolist()
-    toks = [tok for tok, _ in generation.decode_steps(model, rows, cfg, cache_len=cache_len)]
-    return torch.cat([prompts, torch.stack(toks, 1)], 1).tolist()
+    return [p + t for p, t in zip(prompts.tolist(), new_tokens(model, prompts, new, cache_len))]
 
 
 def recompute_greedy(model, prompts, new):
@@ -64,26 +61,10 @@ def hf_greedy(hf, prompts, new):
     return out.tolist()
 
 
-def plain_linear(model, prompts, new):
-    """gpt3zh with every layer as F.linear(x, W) (fast.decode_model disabled)."""
-    with patched(fast, "decode_model", lambda m: m):
-        return gpt3zh_greedy(model, prompts, new)
-
-
-def module_steps(model, prompts, new):
-    """gpt3zh decode steps through the modules' forward (fast.LeanStep disabled)."""
-    with patched(fast, "decode_step", lambda m: None):
-        return gpt3zh_greedy(model, prompts, new)
-
-
-@contextlib.contextmanager
-def patched(module, name, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
+def module_steps(model):
+    """gpt3zh's prepared module (chunked layers) with the modules' own decode step instead of the flat one."""
+    p = prepare(model)
+    return InferenceModel(p.fork().module, p.options, ("chunked layers", "module decode step"), "modules")
 
 
 def main() -> None:
@@ -120,14 +101,17 @@ def main() -> None:
             def bind(fn, prompts=prompts):
                 return lambda warmup=False: fn(prompts, 4 if warmup else args.new_tokens)
 
-            impls = {"gpt3zh": bind(lambda p, n: gpt3zh_greedy(model, p, n))}
+            ours = prepare(model)  # held: prepare() caches one variant per model
+            impls = {"gpt3zh": bind(lambda p, n: gpt3zh_greedy(ours, p, n))}
             if hf is not None:
                 impls["transformers"] = bind(lambda p, n: hf_greedy(hf, p, n))
             if "recompute" in args.baselines and batch <= args.recompute_max_batch:
                 impls["full recompute (ModelScope)"] = bind(lambda p, n: recompute_greedy(model, p, n))
             if args.ablate:
-                impls["gpt3zh module steps"] = bind(lambda p, n: module_steps(model, p, n))
-                impls["gpt3zh F.linear layers"] = bind(lambda p, n: plain_linear(model, p, n))
+                modules = module_steps(model)
+                plain = prepare(model, cpu_kernels=False)
+                impls["gpt3zh module steps"] = bind(lambda p, n: gpt3zh_greedy(modules, p, n))
+                impls["gpt3zh cpu_kernels=False"] = bind(lambda p, n: gpt3zh_greedy(plain, p, n))
                 impls["gpt3zh cache=full context"] = bind(
                     lambda p, n: gpt3zh_greedy(model, p, n, cfg.max_seq_len))
             results = interleaved(impls, args.runs)

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-from gpt3zh import fast
 from gpt3zh.config import PRESETS, GPTConfig
-from gpt3zh.model import GPT
+from gpt3zh.inference import DTYPES, prepare
+from gpt3zh.model import GPT, TiedHead
 from gpt3zh.quantize import quantize_int8
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fast_cpu import agreement, gpt3zh_greedy, hf_from_model, hf_greedy
+from fast_cpu import agreement, bucketed, gpt3zh_greedy, hf_from_model, hf_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -79,7 +79,7 @@ def decode_bytes(model: GPT, batch: int, cache_len: int) -> int:
     tensors = [t for n, t in model.named_parameters() if n not in skip]
     tensors += [b for n, b in model.named_buffers() if "kv_cache" not in n]
     weights = sum(t.numel() * t.element_size() for t in tensors)
-    if "head" not in vars(model):  # tied fp head: the whole embedding is read by the head
+    if isinstance(model.head, TiedHead):  # tied fp head: the whole embedding is read by the head
         weights += model.tok_emb.weight.numel() * model.tok_emb.weight.element_size()
     cfg = model.config
     kv = 2 * cfg.n_layer * batch * cache_len * cfg.d_model * model.tok_emb.weight.element_size()
@@ -121,8 +121,9 @@ def decode_impls(model, prompts, new, cache_len, compile_variants, hf=None, int8
     tag = "int8" if int8 else str(model.tok_emb.weight.dtype).removeprefix("torch.")
 
     def ours(compile_):
-        return lambda warm: gpt3zh_greedy(model, prompts, 4 if warm else new,
-                                          cache_len if warm and compile_ else None, compile=compile_)
+        prepared = prepare(model, compile=compile_)  # held here: prepare() caches one variant per model
+        return lambda warm: gpt3zh_greedy(prepared, prompts, 4 if warm else new,
+                                          cache_len if warm and compile_ else None)
 
     impls = {f"gpt3zh {tag} eager": ours(False)}
     if compile_variants:
@@ -136,7 +137,7 @@ def run_preset(name: str, cfg: GPTConfig, args, device, dtype, bandwidth: float,
     model = build(cfg, device, dtype)
     B1, P, new = 1, args.prompt_len, args.new_tokens
     prompts = torch.randint(0, cfg.vocab_size, (B1, P), device=device)
-    cache_c = fast.bucketed_cache_len(P + new - 1, cfg.max_seq_len)
+    cache_c = bucketed(P + new - 1, cfg.max_seq_len)
     hf = hf_from_model(model, dtype) if not args.no_hf else None
     res = interleave(decode_impls(model, prompts, new, cache_c, True, hf), args.runs, device)
     del hf
@@ -186,10 +187,10 @@ def prefill_latency(model: GPT, T: int, runs: int, device) -> float:
 
 def throughput(model: GPT, batch: int, P: int, new: int, runs: int, device) -> tuple[float, bool]:
     prompts = torch.randint(0, model.config.vocab_size, (batch, P), device=device)
-    cache_c = fast.bucketed_cache_len(P + new - 1, model.config.max_seq_len)
-    gpt3zh_greedy(model, prompts, 4, cache_c, compile=True)
-    secs = statistics.median(timed(lambda: gpt3zh_greedy(model, prompts, new, compile=True), device)
-                             for _ in range(runs))
+    cache_c = bucketed(P + new - 1, model.config.max_seq_len)
+    compiled = prepare(model, compile=True)
+    gpt3zh_greedy(compiled, prompts, 4, cache_c)
+    secs = statistics.median(timed(lambda: gpt3zh_greedy(compiled, prompts, new), device) for _ in range(runs))
     return batch * new / secs, True
 
 
@@ -208,7 +209,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["base", "1.3B", "2.7B", "13B"], choices=list(PRESETS))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16", choices=list(fast.DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -220,7 +221,7 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 run, 8 new tokens, no docs row")
     ap.add_argument("--docs", default=None, help="append the table here (default docs/benchmarks.md, not with --smoke)")
     args = ap.parse_args(argv)
-    device, dtype = torch.device(args.device), fast.DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.smoke:
         args.presets, args.chars_preset = ["smoke"], "smoke"
         args.runs, args.prompt_len, args.new_tokens, args.prefill_len, args.batches = 1, 8, 8, 32, [2]

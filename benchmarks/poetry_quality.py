@@ -93,10 +93,10 @@ def form_ok(prompt: str, continuation: str, truncated: bool) -> bool:
     return len(lines) >= 2 and all(len(body) == line_len for body, _ in lines)
 
 
-def sample_continuations(model, tok, n: int, max_new_tokens: int = 64) -> list[dict]:
+def sample_continuations(model, tok, gen, n: int, max_new_tokens: int = 64) -> list[dict]:
+    """n seeded samples with the model directory's sampling defaults `gen` (GenerationDefaults)."""
     from gpt3zh.generation import generate
 
-    gen = model.generation_defaults
     stops = sorted({tok.sep_id, tok.eod_id, gen.eod_id})
     out = []
     for i in range(n):
@@ -119,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
-    from gpt3zh.checkpoint import load_model
+    from gpt3zh.checkpoint import load_pretrained
     from gpt3zh.tokenizer import load_tokenizer
 
     model_dir = Path(args.model) if args.model else ROOT / "src" / "gpt3zh" / "assets" / "poetry-small"
-    model = load_model(model_dir, dtype=torch.float32)
+    loaded = load_pretrained(model_dir, dtype=torch.float32)
+    model, gen = loaded.model, loaded.generation
     tok = load_tokenizer(model_dir)
     train, test = read_texts(POETRY / "train.jsonl"), read_texts(POETRY / "test.jsonl", args.limit)
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     char_ppl = math.exp(nll / chars)
     uni_chars = unigram_ppl(train, test, lambda t: t)
     uni_ids = unigram_ppl(train, test, tok.encode)
-    samples = sample_continuations(model, tok, args.samples)
+    samples = sample_continuations(model, tok, gen, args.samples)
     report = {
         "model": str(model_dir),
         "test_poems": len(test),
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "ppl_ratio": char_ppl / min(uni_chars, uni_ids),
         "form_pass": sum(s["ok"] for s in samples),
         "form_total": len(samples),
-        "sampling": {k: getattr(model.generation_defaults, k) for k in ("top_k", "top_p", "temperature")},
+        "sampling": {k: getattr(gen, k) for k in ("top_k", "top_p", "temperature")},
         "samples": samples,
     }
     if args.json:

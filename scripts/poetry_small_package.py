@@ -33,15 +33,14 @@ def _read_log(work: Path) -> list[dict]:
 
 def package(work: Path, dest: Path) -> None:
     import gpt3zh
-    from gpt3zh.checkpoint import load_model, save_model
+    from gpt3zh.checkpoint import load_pretrained, save_model
     from gpt3zh.tokenizer import load_tokenizer
 
     src = work / "output"
-    model = load_model(src)
+    loaded = load_pretrained(src)
     tok = load_tokenizer(src)
-    gen = dataclasses.replace(model.generation_defaults, eod_id=tok.sep_id, **SAMPLING)
-    model.generation_defaults = gen
-    save_model(model, dest, format="gpt3zh", tokenizer=tok, overwrite=True)
+    gen = dataclasses.replace(loaded.generation, eod_id=tok.sep_id, **SAMPLING)
+    save_model(loaded.model, dest, format="gpt3zh", tokenizer=tok, overwrite=True, generation=gen)
     shutil.copy2(work / "loss_curve.png", dest / "loss_curve.png")
 
     out = subprocess.run(

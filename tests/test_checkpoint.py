@@ -10,7 +10,15 @@ import torch.nn.functional as F
 
 from conftest import require_shared
 from gpt3zh import cli
-from gpt3zh.checkpoint import FORMATS, convert, describe, load_model, save_model
+from gpt3zh.checkpoint import (
+    FORMATS,
+    convert,
+    describe,
+    load_generation_defaults,
+    load_model,
+    load_pretrained,
+    save_model,
+)
 from gpt3zh.config import PRESETS, GenerationDefaults, GPTConfig
 from gpt3zh.model import GPT
 
@@ -28,11 +36,12 @@ def spicy(model: GPT) -> GPT:
     return model.eval()
 
 
+GEN = GenerationDefaults(eod_id=7, top_k=5, top_p=0.0, temperature=0.7, tokens_to_generate=33)
+
+
 @pytest.fixture
 def model(tiny_config):
-    m = spicy(GPT(tiny_config))
-    m.generation_defaults = GenerationDefaults(eod_id=7, top_k=5, top_p=0.0, temperature=0.7, tokens_to_generate=33)
-    return m
+    return spicy(GPT(tiny_config))
 
 
 @pytest.fixture
@@ -138,11 +147,12 @@ def test_megatron_shards_match_the_spec_forward(tiny_config, ids, tmp_path, tp):
 @torch.no_grad()
 @pytest.mark.parametrize("fmt,tp", [("gpt3zh", 1), ("modelscope", 1), ("megatron", 1), ("megatron", 2), ("megatron", 4), ("hf", 1)])
 def test_save_then_load_is_exact(model, ids, tmp_path, fmt, tp):
-    out = save_model(model, tmp_path / fmt, format=fmt, tp=tp)
-    loaded = load_model(out)
+    out = save_model(model, tmp_path / fmt, format=fmt, tp=tp, generation=GEN)
+    pretrained = load_pretrained(out)
+    loaded = pretrained.model
     assert not loaded.training
     assert loaded.config == model.config
-    assert loaded.generation_defaults == model.generation_defaults
+    assert pretrained.generation == GEN and load_generation_defaults(out) == GEN and pretrained.format == fmt
     assert_same_weights(loaded, model)
     assert torch.equal(loaded(ids), model(ids))
     info = describe(out)
@@ -153,9 +163,9 @@ def test_save_then_load_is_exact(model, ids, tmp_path, fmt, tp):
 def test_gpt3zh_format_layout(model, tmp_path):
     from safetensors import safe_open
 
-    save_model(model, tmp_path / "m")
+    save_model(model, tmp_path / "m", generation=GEN)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config == {"format": "gpt3zh", "model": model.config.to_dict(), "generation": model.generation_defaults.to_dict()}
+    assert config == {"format": "gpt3zh", "model": model.config.to_dict(), "generation": GEN.to_dict()}
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         assert sorted(f.keys()) == sorted(model.state_dict())  # no tied output-head duplicate
 
@@ -171,7 +181,7 @@ def test_load_model_casts_dtype(model, tmp_path):
 
 def test_full_conversion_chain_is_bitwise_exact(model, tmp_path):
     require_shared()
-    start = save_model(model, tmp_path / "a")
+    start = save_model(model, tmp_path / "a", generation=GEN)
     tokenizer = require_shared() / "modelscope-gpt3-1.3B" / "tokenizer.json"
     shutil.copy(tokenizer, start / "tokenizer.json")
     ms = convert(start, tmp_path / "b", to="modelscope")
@@ -180,9 +190,9 @@ def test_full_conversion_chain_is_bitwise_exact(model, tmp_path):
     back = convert(hf, tmp_path / "e", to="gpt3zh")
     assert [describe(p).format for p in (ms, mg, hf, back)] == ["modelscope", "megatron", "hf", "gpt3zh"]
     assert describe(mg).extra["tp"] == 4
-    final = load_model(back)
-    assert_same_weights(final, model)
-    assert final.config == model.config and final.generation_defaults == model.generation_defaults
+    final = load_pretrained(back)
+    assert_same_weights(final.model, model)
+    assert final.model.config == model.config and final.generation == GEN
     assert (back / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
     assert describe(back).extra["tokenizer"].startswith("tokenizer.json")
 
@@ -266,7 +276,7 @@ def test_megatron_config_reads_gelu_fusion_and_ffn(tiny_config, tmp_path):
 def test_generation_defaults_come_from_config_json(model, tmp_path):
     d = save_model(model, tmp_path / "ms", format="modelscope")
     _edit_config(d, eod_id=3, top_k=20, top_p=0.95, temperature=0.5, tokens_to_generate=64)
-    gen = load_model(d).generation_defaults
+    gen = load_pretrained(d).generation
     assert gen == GenerationDefaults(eod_id=3, top_k=20, top_p=0.95, temperature=0.5, tokens_to_generate=64)
 
 

@@ -33,8 +33,8 @@ def model_dir(tmp_path_factory):
     model = GPT(cfg).eval()
     with torch.no_grad():
         model.tok_emb.weight.normal_(0, 0.3)
-    model.generation_defaults = GenerationDefaults(eod_id=tok.eod_id, tokens_to_generate=10)
-    return save_model(model, tmp_path_factory.mktemp("cli") / "m", tokenizer=tok)
+    return save_model(model, tmp_path_factory.mktemp("cli") / "m", tokenizer=tok,
+                      generation=GenerationDefaults(eod_id=tok.eod_id, tokens_to_generate=10))
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_flags_follow_generation_config(capsys, model_dir, pipe):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--top-p", "0", "x"], r"top_p must be in \(0, 1\]"),
+        (["--top-p", "1.5", "x"], r"top_p must be in \[0, 1\]"),
         (["--temperature", "-1", "x"], "temperature must be >= 0"),
         (["--max-new-tokens", "-2", "x"], "max_new_tokens must be an int >= 0"),
         (["--file", "/no/such/prompts.txt"], "no such file"),
@@ -94,6 +94,14 @@ def test_user_errors_exit_2_with_a_message(capsys, model_dir, argv, message):
     assert code == 2
     assert err.startswith("gpt3zh generate: error:")
     assert re.search(message, err), err
+
+
+def test_inference_path_flags_and_verbose(capsys, model_dir, pipe):
+    code, out, err = run(capsys, "--model", model_dir, "--verbose", "--no-cpu-kernels", *GREEDY, "床前")
+    assert code == 0 and "gpt3zh: TextGenerationPipeline(cpu float32, module decode step" in err
+    assert out.strip() == pipe("床前", do_sample=False, max_new_tokens=6)["text"]
+    code, out, err = run(capsys, "--model", model_dir, "--verbose", "--quantize", "int8", *GREEDY, "床前")
+    assert code == 0 and "int8 weights" in err and out.startswith("床前")
 
 
 def test_without_model_uses_the_default(capsys, monkeypatch, model_dir, pipe):

@@ -33,10 +33,11 @@ def _quality():
 
 @pytest.fixture(scope="module")
 def model_and_tok():
-    from gpt3zh.checkpoint import load_model
+    from gpt3zh.checkpoint import load_pretrained
     from gpt3zh.tokenizer import load_tokenizer
 
-    return load_model(ASSET, dtype=torch.float32), load_tokenizer(ASSET)
+    loaded = load_pretrained(ASSET, dtype=torch.float32)
+    return loaded.model, load_tokenizer(ASSET), loaded.generation
 
 
 @needs_model
@@ -60,7 +61,7 @@ def test_asset_is_found_from_the_installed_package():
 def test_ppl_is_below_a_third_of_the_unigram_baseline(model_and_tok):
     data = require_shared()
     q = _quality()
-    model, tok = model_and_tok
+    model, tok, _ = model_and_tok
     train = q.read_texts(data / "poetry" / "train.jsonl")
     test = q.read_texts(data / "poetry" / "test.jsonl", 300)
     nll, n_tok, chars = q.score_texts(model, tok, test)
@@ -72,8 +73,8 @@ def test_ppl_is_below_a_third_of_the_unigram_baseline(model_and_tok):
 @needs_model
 def test_form_check_passes_for_at_least_90_percent(model_and_tok):
     q = _quality()
-    model, tok = model_and_tok
-    samples = q.sample_continuations(model, tok, 20)
+    model, tok, gen = model_and_tok
+    samples = q.sample_continuations(model, tok, gen, 20)
     assert sum(s["ok"] for s in samples) >= 18, json.dumps(samples, ensure_ascii=False, indent=1)
 
 

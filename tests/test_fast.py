@@ -1,4 +1,5 @@
-"""The fast generation path (gpt3zh.fast, gpt3zh.quantize): compiled decode step, int8 weights, dtype.
+"""The inference paths (gpt3zh.inference, gpt3zh.fast, gpt3zh.quantize): the compiled decode step,
+int8 weights, dtype copies, the CPU decode layers and flat step, each equal to the plain modules.
 
 Inductor compiles are slow on a small shared CPU, so every compiled call here uses one shape (batch
 2, one cache bucket) per model: two compiles in all (fp32, int8).
@@ -14,11 +15,13 @@ import torch
 
 from conftest import ROOT
 from gpt3zh import fast, generation
-from gpt3zh.config import GPTConfig
+from gpt3zh.config import GenerationConfig, GPTConfig, InferenceOptions
+from gpt3zh.engine import Request, TokenEvent
+from gpt3zh.inference import prepare
 from gpt3zh.model import GPT
 from gpt3zh.quantize import QuantLinear, is_quantized, quantize_int8, quantize_per_channel
 
-PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4]]  # ragged: the short row is left-padded
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4]]  # ragged: rows at different slots
 NEW = 12
 
 
@@ -30,7 +33,7 @@ def model():
 
 
 def option_sets(model):
-    """Every sampling option the eager path has, plus a stop id that really fires in row 0."""
+    """Every sampling option, plus a stop id that really fires in row 0."""
     eos = generation.generate(model, PROMPTS, max_new_tokens=NEW)[0][len(PROMPTS[0]) + 2]
     return [
         {},
@@ -40,18 +43,37 @@ def option_sets(model):
     ]
 
 
-def all_logits(model, **options):
-    cfg = generation.GenerationConfig(max_new_tokens=NEW, **options)
-    return torch.stack([logits for _, logits in generation.decode_steps(model, PROMPTS, cfg)])  # (steps, B, V)
+def trace(model, rows, **options):
+    """Per row: (tokens, the full log-probability vectors they were drawn from (steps, V))."""
+    cfg = GenerationConfig(max_new_tokens=options.pop("max_new_tokens", NEW), **options)
+    V = model.config.vocab_size
+    reqs = [Request(row, c, index=i, logprobs=V) for i, (row, c) in enumerate(zip(rows, [cfg] * len(rows)))]
+    toks, lps = [[] for _ in rows], [[] for _ in rows]
+    for events in generation.run(model, reqs):
+        for ev in events:
+            if isinstance(ev, TokenEvent):
+                toks[ev.request.index].append(ev.token_id)
+                full = torch.full((V,), float("nan"))
+                full[[i for i, _ in ev.top_logprobs]] = torch.tensor([v for _, v in ev.top_logprobs])
+                lps[ev.request.index].append(full)
+    return [(t, torch.stack(lp)) for t, lp in zip(toks, lps)]
+
+
+def assert_same(a, b, tol=1e-5):
+    for (ta, la), (tb, lb) in zip(a, b):
+        assert ta == tb
+        torch.testing.assert_close(la, lb, rtol=tol, atol=tol)
 
 
 def test_compiled_decoding_equals_eager(model):
     # fp32 on CPU: the compiled step may reorder float ops, so logits agree to 1e-5, tokens exactly.
-    torch.testing.assert_close(all_logits(model, compile=True), all_logits(model), rtol=0, atol=1e-5)
+    compiled = prepare(model, compile=True)
+    assert compiled.static_shapes and "compiled decode step" in compiled.description
+    assert_same(trace(compiled, PROMPTS), trace(model, PROMPTS))
     for options in option_sets(model):
         eager = generation.generate(model, PROMPTS, max_new_tokens=NEW, **options)
-        assert generation.generate(model, PROMPTS, max_new_tokens=NEW, compile=True, **options) == eager, options
-        streamed = list(generation.stream(model, PROMPTS, max_new_tokens=NEW, compile=True, **options))
+        assert generation.generate(compiled, PROMPTS, max_new_tokens=NEW, **options) == eager, options
+        streamed = list(generation.stream(compiled, PROMPTS, max_new_tokens=NEW, **options))
         for row, full, prompt in zip(zip(*streamed), eager, PROMPTS):
             assert [t for t in row if t is not None] == full[len(prompt):]
 
@@ -76,55 +98,72 @@ def test_quant_linear_error_is_the_bf16_activation_rounding_only():
     assert torch.all((ql(x).double() - ref).abs() <= bound)
 
 
-def test_quantize_int8_replaces_every_linear_and_the_head(model):
+def test_quantize_int8_swaps_every_linear_and_the_head(model):
     q = quantize_int8(GPT(model.config).eval())
-    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
-    assert is_quantized(q) and q.head is q.lm_head and q.lm_head.weight.shape == (128, 32)
-    assert fast.decode_model(q) is q  # the int8 layers are left alone, not wrapped as ChunkedLinear
+    assert not any(type(m) is torch.nn.Linear for m in q.modules())
+    assert is_quantized(q) and isinstance(q.head, QuantLinear) and q.head.weight.shape == (128, 32)
+    prepared = prepare(q)
+    assert not any(isinstance(m, fast.ChunkedLinear) for m in prepared.module.modules())  # int8 layers stay
 
 
 def test_int8_logits_close_and_greedy_tokens_equal(model):
     idx = torch.tensor([PROMPTS[0] * 4])
-    q = fast.prepared(model, "int8")
+    q = prepare(model, quantize="int8")
+    assert "int8 weights" in q.description
     with torch.inference_mode():
-        ref, got = model(idx), q(idx)
+        ref, got = model(idx), q.module(idx)
     # Stated tolerance: int8 weights move the logits by < 2% of their spread (0.3% measured here).
     assert (got - ref).abs().max() < 0.02 * (ref.max() - ref.min())
-    assert generation.generate(model, PROMPTS, max_new_tokens=NEW, quantize="int8") == generation.generate(
-        model, PROMPTS, max_new_tokens=NEW)
+    assert generation.generate(q, PROMPTS, max_new_tokens=NEW) == generation.generate(model, PROMPTS, max_new_tokens=NEW)
 
 
 def test_int8_compiled_equals_int8_eager_for_every_option(model):
+    eager_q, compiled_q = prepare(model, quantize="int8"), prepare(GPT(model.config).eval(), quantize="int8",
+                                                                    compile=True)
+    compiled_q.module.load_state_dict(eager_q.module.state_dict())
     for options in option_sets(model):
-        eager = generation.generate(model, PROMPTS, max_new_tokens=NEW, quantize="int8", **options)
-        fast_ = generation.generate(model, PROMPTS, max_new_tokens=NEW, quantize="int8", compile=True, **options)
-        assert fast_ == eager, options
+        eager = generation.generate(eager_q, PROMPTS, max_new_tokens=NEW, **options)
+        assert generation.generate(compiled_q, PROMPTS, max_new_tokens=NEW, **options) == eager, options
 
 
 def test_prepared_copies_once_and_leaves_the_model_alone(model):
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    q = fast.prepared(model, "int8")
-    assert fast.prepared(model, "int8") is q and fast.prepared(model) is model
+    q = prepare(model, quantize="int8")
+    assert prepare(model, quantize="int8") is q  # cached
     assert not is_quantized(model) and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    bf = fast.prepared(model, dtype="bfloat16")
-    assert bf.tok_emb.weight.dtype == torch.bfloat16 and model.tok_emb.weight.dtype == torch.float32
-    out = generation.generate(model, PROMPTS, max_new_tokens=4, dtype="bfloat16")
+    bf = prepare(model, dtype="bfloat16")
+    assert bf.module.tok_emb.weight.dtype == torch.bfloat16 and model.tok_emb.weight.dtype == torch.float32
+    out = generation.generate(bf, PROMPTS, max_new_tokens=4)
     assert [len(r) for r in out] == [len(p) + 4 for p in PROMPTS]
+    assert prepare(bf) is bf and prepare(model).module is not model  # a view: the model keeps no cache
     other = GPT(model.config).eval()
-    q2 = fast.prepared(other, "int8")
+    q2 = prepare(other, quantize="int8")
     with torch.no_grad():
         other.blocks[0].mlp.fc.weight.mul_(2)  # an in-place weight change makes the cached copy stale
-    assert fast.prepared(other, "int8") is not q2
+    assert prepare(other, quantize="int8") is not q2
+
+
+def test_a_second_engine_gets_its_own_view(model):
+    # Two engines over one prepared model at once (two threads, or a stream left open): the second
+    # forks a view of the same tensors instead of sharing the first one's KV cache.
+    prepared = prepare(model)
+    first = generation.stream(prepared, PROMPTS, max_new_tokens=NEW)
+    head = [next(first), next(first)]
+    alone = generation.generate(prepared, PROMPTS, max_new_tokens=NEW)
+    rest = list(first)
+    streamed = [p + [t for t in row if t is not None] for p, row in zip(PROMPTS, zip(*(head + rest)))]
+    assert streamed == alone
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [({"compile": "yes"}, "compile must be True or False"), ({"quantize": "int4"}, "quantize must be None or one of"),
-     ({"dtype": "fp8"}, "dtype must be one of float32, bfloat16, float16")],
+     ({"dtype": "fp8"}, "dtype must be one of float32, bfloat16, float16"),
+     ({"cpu_kernels": 1}, "cpu_kernels must be None"), ({"compyle": True}, "did you mean 'compile'")],
 )
-def test_invalid_fast_options(options, message):
+def test_invalid_inference_options(options, message):
     with pytest.raises(ValueError, match=message):
-        generation.GenerationConfig(**options)
+        InferenceOptions.from_dict(options)
 
 
 @pytest.mark.slow
@@ -180,13 +219,14 @@ def test_chunked_linear_bf16_and_gradients():
         fast.ChunkedLinear(torch.zeros(63, 4), None, 2)
 
 
-def test_decode_model_shares_the_weights_and_follows_them(model, two_threads):
-    view = fast.decode_model(model)
-    assert view is not model and fast.decode_model(model) is view  # cached
+def test_cpu_kernels_share_the_weights_and_follow_them(model, two_threads):
+    prepared = prepare(model)
+    view = prepared.module
+    assert "chunked GEMV over 2 threads" in prepared.description and "flat decode step" in prepared.description
+    assert view is not model and prepare(model) is prepared  # cached
     chunked = [m for m in view.modules() if isinstance(m, fast.ChunkedLinear)]
     assert len(chunked) == 4 * model.config.n_layer + 1  # every nn.Linear and the tied head
     assert not any(isinstance(m, fast.ChunkedLinear) for m in model.modules())  # the model is untouched
-    assert "head" not in vars(model)
     for (name, p), (vname, vp) in zip(model.named_parameters(), view.named_parameters()):
         assert name == vname and vp is p  # nothing copied
     idx = torch.tensor([PROMPTS[0]])
@@ -195,48 +235,33 @@ def test_decode_model_shares_the_weights_and_follows_them(model, two_threads):
     with torch.no_grad():  # an in-place update shows in the view at once
         model.blocks[0].mlp.fc.weight.mul_(1.5)
     try:
+        assert prepare(model) is prepared
         with torch.inference_mode():
-            torch.testing.assert_close(fast.decode_model(model)(idx), model(idx), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(view(idx), model(idx), rtol=1e-5, atol=1e-5)
     finally:
         with torch.no_grad():
             model.blocks[0].mlp.fc.weight.div_(1.5)
     other = GPT(model.config)
     other.load_state_dict(model.state_dict(), assign=True)
-    fresh = fast.decode_model(other)
-    assert fresh is not view and next(fresh.parameters()) is next(other.parameters())
+    fresh = prepare(other)
+    assert fresh is not prepared and next(fresh.module.parameters()) is next(other.parameters())
     torch.set_num_threads(1)
-    assert fast.decode_model(model) is model  # one thread: nothing to split
+    assert "module decode step" in prepare(model).description  # one thread: nothing to split
+    assert prepare(model, cpu_kernels=False).description == "cpu float32, module decode step"
+    with pytest.raises(ValueError, match="cpu_kernels=True needs a CPU model, more than one thread"):
+        prepare(model, cpu_kernels=True)
 
 
-def test_lean_step_equals_the_modules(model, two_threads, monkeypatch):
-    view = fast.decode_model(model)
-    step = fast.decode_step(view)
-    assert isinstance(step, fast.LeanStep) and fast.decode_step(view) is step  # made once per view
-    assert fast.decode_step(model) is None  # plain modules: the caller runs them
-    view.train()
-    assert fast.decode_step(view) is None  # dropout would be skipped: training mode runs the modules
-    view.eval()
-    # generation (shared cache slot, ragged rows, sampling): the same tokens and logits either way
-    rows = [PROMPTS[0], PROMPTS[1][:1], PROMPTS[1]]
-    cfg = generation.GenerationConfig(max_new_tokens=NEW, do_sample=True, seed=3, top_k=10, repetition_penalty=1.2)
-    lean = list(generation.decode_steps(model, rows, cfg))
-    monkeypatch.setattr(fast, "decode_step", lambda m: None)
-    plain = list(generation.decode_steps(model, rows, cfg))
-    assert len(lean) == len(plain) == NEW
-    for (tok, logits), (ref_tok, ref_logits) in zip(lean, plain):
-        assert tok.tolist() == ref_tok.tolist()
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    # no padding (one row, two equal-length rows): the lean step runs without a mask
-    for rows in ([PROMPTS[0]], [PROMPTS[0], PROMPTS[0][::-1]]):
-        monkeypatch.undo()
-        lean = list(generation.decode_steps(model, rows, cfg))
-        monkeypatch.setattr(fast, "decode_step", lambda m: None)
-        plain = list(generation.decode_steps(model, rows, cfg))
-        for (tok, logits), (ref_tok, ref_logits) in zip(lean, plain):
-            assert tok.tolist() == ref_tok.tolist()
-            torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    monkeypatch.undo()
-    # the serving engine's form: every row at its own slot (cache_pos (B, 1)), a bool mask
+def test_lean_step_equals_the_modules(model, two_threads):
+    lean, plain = prepare(model), prepare(model, cpu_kernels=False)
+    assert isinstance(lean._lean, fast.LeanStep) and plain._lean is None
+    # shared slots (one row; two equal-length rows: no mask) and ragged rows (per-row slots, a mask),
+    # with sampling: the same tokens and log-probabilities either way
+    cfg = dict(do_sample=True, seed=3, top_k=10, repetition_penalty=1.2)
+    for rows in ([PROMPTS[0]], [PROMPTS[0], PROMPTS[0][::-1]], [PROMPTS[0], PROMPTS[1][:1], PROMPTS[1]]):
+        assert_same(trace(lean, rows, **cfg), trace(plain, rows, **cfg))
+    # the step itself, every row at its own slot (cache_pos (B, 1)) with a bool mask, random cache
+    view, step = lean.module, lean._lean
     torch.manual_seed(1)
     view.setup_kv_cache(2, 16)
     try:
@@ -252,58 +277,47 @@ def test_lean_step_equals_the_modules(model, two_threads, monkeypatch):
             for block, (k, v) in zip(view.blocks, before):
                 block.attn.kv_cache.k.copy_(k)
                 block.attn.kv_cache.v.copy_(v)
-            got = step(view, idx, pos, pos, mask)
+            got = step(view, idx, pos, pos, mask, None)
             assert got.shape == (2, model.config.vocab_size)
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
             for block, (k, v) in zip(view.blocks, written):  # the same cache slots written
                 torch.testing.assert_close(block.attn.kv_cache.k, k, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(block.attn.kv_cache.v, v, rtol=1e-5, atol=1e-5)
-            with pytest.raises(ValueError, match="without a mask needs one shared cache slot"):
-                step(view, idx, pos, pos, None)
+            # no mask: one shared slot, attending to the first `slots` slots = the causal mask's view
+            shared = torch.tensor([[5], [5]])
+            ref = view.head(view.hidden(idx, shared, shared[0, :1], None, None, 6)[:, -1])
+            torch.testing.assert_close(step(view, idx, shared, shared[0, :1], None, 6), ref, rtol=1e-5, atol=1e-5)
             with pytest.raises(ValueError, match=r"one new token per row, got idx of shape \(2, 2\)"):
-                step(view, idx.repeat(1, 2), pos.repeat(1, 2), pos.repeat(1, 2), mask)
+                step(view, idx.repeat(1, 2), pos.repeat(1, 2), pos.repeat(1, 2), mask, None)
     finally:
         view.clear_kv_cache()
 
 
-def test_lean_step_in_bf16_equals_the_modules(model, two_threads, monkeypatch):
-    cfg = generation.GenerationConfig(max_new_tokens=8, dtype="bfloat16")
-    lean = list(generation.decode_steps(model, PROMPTS, cfg))
-    assert isinstance(fast.decode_step(fast.decode_model(fast.prepared(model, dtype="bfloat16"))), fast.LeanStep)
-    monkeypatch.setattr(fast, "decode_step", lambda m: None)
-    plain = list(generation.decode_steps(model, PROMPTS, cfg))
-    for (tok, logits), (ref_tok, ref_logits) in zip(lean, plain):
-        assert logits.dtype == torch.bfloat16 and tok.tolist() == ref_tok.tolist()
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-2, atol=1e-2)
+def test_lean_step_in_bf16_equals_the_modules(model, two_threads):
+    lean, plain = prepare(model, dtype="bfloat16"), prepare(model, dtype="bfloat16", cpu_kernels=False)
+    assert lean.description == "cpu bfloat16, chunked GEMV over 2 threads, flat decode step"
+    for (ta, la), (tb, lb) in zip(trace(lean, PROMPTS, max_new_tokens=8), trace(plain, PROMPTS, max_new_tokens=8)):
+        assert ta == tb
+        torch.testing.assert_close(la, lb, rtol=2e-2, atol=2e-2)  # bf16 logits: 8 mantissa bits
 
 
-def test_lean_step_with_unsplit_layers_and_no_leak(two_threads, monkeypatch):
+def test_lean_step_with_unsplit_layers_and_no_leak(two_threads):
     # vocab 127 does not split into 2 blocks: the head stays F.linear inside the lean step
     torch.manual_seed(2)
     cfg = GPTConfig(vocab_size=127, n_layer=2, n_head=4, d_model=32, max_seq_len=64, dropout=0.0, attn_dropout=0.0)
     odd = GPT(cfg).eval()
-    view = fast.decode_model(odd)
-    assert "head" not in vars(view) and isinstance(fast.decode_step(view), fast.LeanStep)
-    rows = [PROMPTS[0], PROMPTS[1]]
-    lean = list(generation.decode_steps(odd, rows, generation.GenerationConfig(max_new_tokens=6)))
-    monkeypatch.setattr(fast, "decode_step", lambda m: None)
-    plain = list(generation.decode_steps(odd, rows, generation.GenerationConfig(max_new_tokens=6)))
-    for (tok, logits), (ref_tok, ref_logits) in zip(lean, plain):
-        assert tok.tolist() == ref_tok.tolist()
-        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
-    # the cached view and step never keep a dropped model's weights alive
-    weight, view_ref = weakref.ref(odd.tok_emb.weight), weakref.ref(view)
-    del odd, view, lean, plain
+    lean = prepare(odd)
+    assert type(lean.module.head).__name__ == "TiedHead" and isinstance(lean._lean, fast.LeanStep)
+    assert_same(trace(lean, PROMPTS, max_new_tokens=6), trace(prepare(odd, cpu_kernels=False), PROMPTS, max_new_tokens=6))
+    # the cached prepared copies never keep a dropped model's weights alive
+    weight, view_ref = weakref.ref(odd.tok_emb.weight), weakref.ref(lean.module)
+    del odd, lean
     gc.collect()
     assert weight() is None and view_ref() is None
 
 
-def test_generation_with_chunked_layers_equals_plain_layers(model, two_threads, monkeypatch):
+def test_generation_with_chunked_layers_equals_plain_layers(model, two_threads):
     rows = [PROMPTS[0], PROMPTS[1][:3]]
-    got = generation.generate(model, rows, max_new_tokens=12)
-    logits = [lg for _, lg in generation.decode_steps(model, rows, generation.GenerationConfig(max_new_tokens=12))]
-    monkeypatch.setattr(fast, "decode_model", lambda m: m)
-    assert generation.generate(model, rows, max_new_tokens=12) == got
-    plain = [lg for _, lg in generation.decode_steps(model, rows, generation.GenerationConfig(max_new_tokens=12))]
-    for a, b in zip(logits, plain):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert_same(trace(model, rows), trace(prepare(model, cpu_kernels=False), rows))
+    assert generation.generate(model, rows, max_new_tokens=12) == generation.generate(
+        prepare(model, cpu_kernels=False), rows, max_new_tokens=12)

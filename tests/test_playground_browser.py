@@ -23,7 +23,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from gpt3zh.config import GPTConfig
 from gpt3zh.generation import generate
 from gpt3zh.model import GPT
-from gpt3zh.serve import BackgroundServer, ServeConfig, create_app
+from gpt3zh.serve import ServeConfig, create_app
+from serving import BackgroundServer
 from gpt3zh.tokenizer import train_char_tokenizer
 
 CHARS = "".join(chr(i) for i in range(32, 127)) + "中国的首都是春眠不觉晓"

@@ -8,7 +8,6 @@ token. Weights are drawn wider than the default init so that greedy argmaxes hav
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import os
 import signal
@@ -28,28 +27,21 @@ except ImportError:
 
 from gpt3zh.assets import default_model_path
 from gpt3zh.checkpoint import save_model
-from gpt3zh.config import GPTConfig
-from gpt3zh.generation import GenerationConfig, generate, sample
+from gpt3zh.config import GenerationConfig, GenerationDefaults, GPTConfig
+from gpt3zh.engine import Engine, QueueFull, Request
+from gpt3zh.generation import generate
 from gpt3zh.model import GPT
-from gpt3zh.serve import BackgroundServer, ServeConfig, create_app
-from gpt3zh.serve.engine import (
-    Engine,
-    EngineLimits,
-    EngineRequest,
-    QueueFull,
-    _RowParams,
-    _TextTracker,
-    sample_rows,
-)
+from gpt3zh.serve import ServeConfig, create_app
 from gpt3zh.serve.protocol import CHAT_STOP, ChatMessage, render_chat
 from gpt3zh.tokenizer import train_char_tokenizer
+from serving import BackgroundServer
 
 MODEL_ID = "tiny-char"
 # Every character the tests type; the model's vocabulary is exactly the tokenizer's.
 CHARS = "".join(chr(i) for i in range(32, 127)) + "系统用户助手：中国的首都是"
 KEY = "sk-test-key"
 TOK = train_char_tokenizer([CHARS])  # ids 0-3 are specials that decode to "", 4 is "\n", then one per character
-EOD = 1  # <sep>: the model's generation_defaults.eod_id, as ModelScope's
+EOD = 1  # <sep>: GenerationDefaults().eod_id (ModelScope's default) and the tokenizer's sep_id
 CONFIG = GPTConfig(vocab_size=TOK.vocab_size, n_layer=2, n_head=4, d_model=32, max_seq_len=512,
                    dropout=0.0, attn_dropout=0.0, init_std=0.3)
 
@@ -62,8 +54,8 @@ def model() -> GPT:
 
 @pytest.fixture(scope="module")
 def reference(model) -> GPT:
-    """A copy for gpt3zh.generate: the served model's KV cache belongs to the engine."""
-    return copy.deepcopy(model)
+    """The same model for gpt3zh.generate (the engine works on its own prepared view of it)."""
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -93,49 +85,34 @@ def metric(server, name: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------ engine units
-def test_row_sampler_equals_generation_sample_row_by_row():
-    torch.manual_seed(0)
-    V = 50
-    logits = torch.randn(5, V) * 3
-    seen = torch.rand(5, V) < 0.2
-    configs = [
-        GenerationConfig(),  # greedy
-        GenerationConfig(do_sample=True, temperature=0.7, top_k=5, seed=1),
-        GenerationConfig(do_sample=True, top_p=0.6, repetition_penalty=1.3, seed=2),
-        GenerationConfig(do_sample=True, temperature=1.3, top_k=10, top_p=0.8, seed=3),
-        GenerationConfig(do_sample=True, temperature=0.0, repetition_penalty=2.0),  # greedy by temperature
-    ]
-    rngs = [torch.Generator().manual_seed(c.seed) if c.seed is not None else None for c in configs]
-    got = sample_rows(logits, _RowParams.of(configs, "cpu"), seen, rngs)
-    for r, cfg in enumerate(configs):
-        rng = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-        want = sample(logits[r : r + 1], cfg, seen[r : r + 1], rng)
-        assert int(got[r]) == int(want[0]), (r, cfg)
-
-
-def test_text_tracker_holds_back_partial_stop_strings_and_cuts_at_them():
-    t = _TextTracker(TOK.decode, TOK.encode("ab"), stop=("XYZ",))
-    out = [t.push(i) for i in TOK.encode("hiXY")]
-    assert "".join(s for s, _ in out) == "hi"  # "XY" may start "XYZ": held back
-    assert t.push(TOK.encode("Q")[0]) == ("XYQ", False)  # it did not: released
-    assert t.push(TOK.encode("X")[0]) == ("", False)
-    assert t.push(TOK.encode("Y")[0]) == ("", False)
-    assert t.push(TOK.encode("Z")[0]) == ("", True)  # the text ends before the stop string
-    assert t.flush() == ""
-
-
 def test_engine_queue_is_bounded():
-    engine = Engine(GPT(CONFIG), TOK.decode, EngineLimits(max_batch=1, max_queue=3))  # not started: nothing drains
-
-    async def fill():
-        req = EngineRequest([2, 3], GenerationConfig(max_new_tokens=2))
-        engine.submit([req, req])
-        engine.submit([req])
+    engine = Engine(GPT(CONFIG), TOK, max_batch=1, max_queue=3)  # never stepped: nothing drains
+    try:
+        req = GenerationConfig(max_new_tokens=2)
+        engine.add([Request([2, 3], req), Request([2, 3], req)])
+        engine.add([Request([2, 3], req)])
         with pytest.raises(QueueFull):
-            engine.submit([req])
-        assert engine.queue_depth == 3
+            engine.add([Request([2, 3], req)])
+        assert engine.waiting == 3
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            engine.add([Request([CONFIG.vocab_size], req)])
+    finally:
+        engine.close()
 
-    asyncio.run(fill())
+
+def test_server_defaults_are_the_pipelines():
+    # One mapping from a model directory's defaults to a GenerationConfig: <sep> stops under serve
+    # as under generate and the pipeline (it used to be missing from the server's stop ids).
+    from gpt3zh.pipelines import TextGenerationPipeline
+    from gpt3zh.serve.app import _Server
+    from gpt3zh.serve.protocol import CompletionRequest
+
+    defaults = GenerationDefaults(eod_id=2, extra_stop_ids=(7,), top_k=1, top_p=0.0, tokens_to_generate=9)
+    server = _Server(GPT(CONFIG), TOK, ServeConfig(), "m", defaults, None)
+    got = server.generation_config(CompletionRequest(prompt="x"), 1, "prompt", ())
+    pipe = TextGenerationPipeline(GPT(CONFIG), TOK, defaults)
+    assert got == pipe.default_config()
+    assert set(got.stop_ids) == {2, 7, TOK.sep_id} and got.greedy and got.top_p == 1.0
 
 
 # ------------------------------------------------------------------------------------------ API
@@ -179,6 +156,21 @@ def test_seeded_sampling_repeats_and_equals_generate(client, reference):
     text, _ = generate_text(reference, "seed", 25, do_sample=True, **opts, **ext)
     assert served() == served() == text
     assert served(seed=8) != text
+
+
+def test_choices_of_a_seeded_request_follow_generate_rows(client, reference):
+    # Sequence k (= prompt i * n + choice j) samples with seed + k, as row k of gpt3zh.generate.
+    opts = {"temperature": 1.0, "top_p": 0.95, "seed": 40}
+    r = client.completions.create(model=MODEL_ID, prompt=["ab", "cd"], n=2, max_tokens=12, **opts)
+    got = {c.index: c.text for c in r.choices}
+    ids = [TOK.encode(p) for p in ("ab", "ab", "cd", "cd")]
+    rows = generate(reference, ids, max_new_tokens=12, eos_token_id=EOD, do_sample=True, **opts)
+    assert [got[k] for k in range(4)] == [TOK.decode([t for t in r[len(i):] if t != EOD]) for i, r in zip(ids, rows)]
+
+
+def test_top_p_zero_is_greedy_as_in_openai(client, reference):
+    r = client.completions.create(model=MODEL_ID, prompt="Hello", max_tokens=20, top_p=0, seed=3)
+    assert r.choices[0].text == generate_text(reference, "Hello", 20)[0]
 
 
 def test_list_prompts_n_and_echo(client, reference):
@@ -269,10 +261,11 @@ def test_concurrent_sampled_requests_each_equal_their_seeded_generate(server, re
 
 
 def test_non_streaming_client_disconnect_cancels_the_request(model):
-    app = create_app(copy.deepcopy(model), TOK, ServeConfig(max_batch=1), model_id=MODEL_ID)
+    app = create_app(model, TOK, ServeConfig(max_batch=1), model_id=MODEL_ID)
     with BackgroundServer(app) as srv:
-        engine = app.state.server.engine
-        engine.stop()  # the request waits in the queue until the engine runs again: no race with its end
+        runner = app.state.server.runner
+        engine = runner.engine
+        runner.pause()  # the request waits in the queue until the engine runs again: no race with its end
         body = {"model": MODEL_ID, "prompt": "wait", "max_tokens": 5, "temperature": 0}
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
             httpx.post(srv.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
@@ -280,13 +273,13 @@ def test_non_streaming_client_disconnect_cancels_the_request(model):
             if metric(srv, "gpt3zh_cancelled_total") == 1:
                 break
             time.sleep(0.05)
-        assert metric(srv, "gpt3zh_cancelled_total") == 1 and engine.queue_depth == 1
-        engine.start()
+        assert metric(srv, "gpt3zh_cancelled_total") == 1 and engine.waiting == 1
+        runner.resume()
         for _ in range(100):
-            if engine.queue_depth == 0:
+            if engine.waiting == 0:
                 break
             time.sleep(0.05)
-        assert engine.queue_depth == 0 and engine.running == 0 and engine.steps == 0  # dropped, never decoded
+        assert engine.waiting == 0 and engine.running == 0 and engine.steps == 0  # dropped, never decoded
         assert post(srv, body).json()["choices"][0]["finish_reason"]  # and the server serves on
 
 
@@ -340,7 +333,14 @@ BAD_REQUESTS = [
     ({"model": MODEL_ID}, 400, "prompt", None),
     ({"prompt": "a", "temperature": 5}, 400, "temperature", None),
     ({"prompt": "a", "temperature": "hot"}, 400, "temperature", None),
-    ({"prompt": "a", "top_p": 0}, 400, "top_p", None),
+    ({"prompt": "a", "top_p": -0.1}, 400, "top_p", None),
+    ({"prompt": "a", "top_k": 2**63}, 400, "top_k", None),  # was a 500 for the whole batch (int64 overflow)
+    ({"prompt": "a", "top_k": 10**30}, 400, "top_k", None),
+    ({"prompt": "a", "repetition_penalty": 1e-300}, 400, "repetition_penalty", None),  # underflowed to empty text
+    ({"prompt": "a", "max_tokens": "5"}, 400, "max_tokens", None),  # strict types: a string is not an int
+    ({"prompt": "a", "stream": "yes"}, 400, "stream", None),
+    ({"prompt": [[False]]}, 400, "prompt", None),
+    ({"prompt": [-1]}, 400, "prompt", None),
     ({"prompt": "a", "n": 0}, 400, "n", None),
     ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens", None),
     ({"prompt": "a", "max_tokens": 401}, 400, "max_tokens", None),  # over the server's cap
@@ -397,7 +397,7 @@ def test_openai_client_raises_on_errors_and_server_survives(client):
 
 
 def test_api_key_is_required_when_set(model):
-    app = create_app(copy.deepcopy(model), TOK, ServeConfig(api_key=KEY, max_batch=2), model_id=MODEL_ID)
+    app = create_app(model, TOK, ServeConfig(api_key=KEY, max_batch=2), model_id=MODEL_ID)
     with BackgroundServer(app) as srv:
         body = {"prompt": "a", "max_tokens": 2}
         assert_openai_error(post(srv, body), 401, code="invalid_api_key")
@@ -412,10 +412,9 @@ def test_api_key_is_required_when_set(model):
 
 
 def test_full_queue_answers_503_with_retry_after(model):
-    app = create_app(copy.deepcopy(model), TOK, ServeConfig(max_batch=1, max_queue=1), model_id=MODEL_ID)
+    app = create_app(model, TOK, ServeConfig(max_batch=1, max_queue=1), model_id=MODEL_ID)
     with BackgroundServer(app) as srv:
-        app.state.server.engine.stop()  # nothing drains the queue from here on: the test is deterministic
-        assert_openai_error(httpx.get(srv.url + "/health"), 503)
+        app.state.server.runner.pause()  # nothing drains the queue from here on: the test is deterministic
         body = {"prompt": "a", "max_tokens": 2, "stream": True}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=10):
             r = post(srv, {"prompt": "b", "max_tokens": 2})
@@ -471,6 +470,7 @@ def test_serve_cli_serves_a_saved_model_directory(model, reference, tmp_path):
     finally:
         out = stop_cli_server(proc)
     assert f"Uvicorn running on {url}" in out
+    assert "serving tiny: cpu float32, module decode step, 4 rows x 512 slots" in out  # OMP_NUM_THREADS=1
 
 
 def test_serve_cli_without_model_uses_the_embedded_default(capsys):

@@ -158,6 +158,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         shown = "" if f.default is None else f" (default: {f.default})"
         p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + shown)
+    from .cli_generate import inference_flags
+
+    inference_flags(p)
 
 
 def _serve_run(args: argparse.Namespace) -> int:
@@ -169,13 +172,15 @@ def _serve_run(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model) if args.model else default_model_path()  # a clear error when not installed
     config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
-    from .checkpoint import load_model
+    from .checkpoint import load_pretrained
+    from .cli_generate import inference_options
     from .serve import serve
     from .tokenizer import load_tokenizer
 
-    model = load_model(model_dir, device=args.device, dtype=args.dtype)
+    loaded = load_pretrained(model_dir, device=args.device, dtype=args.dtype)
     tokenizer = load_tokenizer(model_dir)
-    serve(model, tokenizer, config, args.model_id or model_dir.resolve().name)
+    serve(loaded.model, tokenizer, config, args.model_id or model_dir.resolve().name, loaded.generation,
+          inference_options(args))
     return 0
 
 

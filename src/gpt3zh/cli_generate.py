@@ -25,34 +25,55 @@ _NOISE_BANNER = (
 
 # ------------------------------------------------------------------------------------------ flags
 def _generation_flags(p: argparse.ArgumentParser) -> None:
-    from .generation import GenerationConfig
+    from .config import GenerationConfig  # a dataclass module: no torch import at parse time
 
-    group = p.add_argument_group("sampling (default: the model's config.json, as ModelScope)")
+    group = p.add_argument_group("generation (default: the model's config.json, as ModelScope)")
     fields = []
     for f in dataclasses.fields(GenerationConfig):
         flag = "--" + f.name.replace("_", "-")
-        if flag in p._option_string_actions:  # --dtype is the model's (weights cast at load)
-            continue
         fields.append(f.name)
         help_text = f.metadata.get("help", "")
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "eos_token_id":
-            group.add_argument(flag, type=int, action="append", default=None, metavar="ID",
-                               help=help_text + " (repeatable)")
+            group.add_argument(flag, type=int, action="append", default=None, metavar="ID", help=help_text)
+        elif f.name == "stop":
+            group.add_argument(flag, action="append", default=None, metavar="TEXT", help=help_text)
         else:
             kind = int if f.type.startswith("int") else float if f.type.startswith("float") else str
             group.add_argument(flag, type=kind, default=None, help=help_text)
     group.add_argument("--max-length", type=int, help="total tokens including the prompt (ModelScope's meaning); "
                        "instead of --max-new-tokens")
-    group.add_argument("--stop", action="append", metavar="TEXT", help="end the continuation before TEXT (repeatable)")
-    p.set_defaults(generation_options=[*fields, "max_length", "stop"])
+    p.set_defaults(generation_options=[*fields, "max_length"])
+
+
+def inference_flags(p: argparse.ArgumentParser) -> None:
+    """--quantize, --compile, --cpu-kernels: InferenceOptions' fields (the model's --dtype casts at load)."""
+    from .config import QUANTIZE, InferenceOptions
+
+    group = p.add_argument_group("inference path (default: the fastest for the device)")
+    for f in dataclasses.fields(InferenceOptions):
+        if f.name == "dtype":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "quantize":
+            group.add_argument(flag, choices=QUANTIZE, default=None, help=f.metadata["help"])
+        else:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+    p.add_argument("--verbose", action="store_true", help="print the chosen inference path to stderr")
+
+
+def inference_options(args: argparse.Namespace):
+    from .config import InferenceOptions
+
+    return InferenceOptions(quantize=args.quantize, compile=args.compile, cpu_kernels=args.cpu_kernels)
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     opts = {n: getattr(args, n) for n in args.generation_options if getattr(args, n) is not None}
-    if isinstance(opts.get("eos_token_id"), list):
-        opts["eos_token_id"] = tuple(opts["eos_token_id"])
+    for name in ("eos_token_id", "stop"):
+        if isinstance(opts.get(name), list):
+            opts[name] = tuple(opts[name])
     return opts
 
 
@@ -64,19 +85,27 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _load_pipeline(args: argparse.Namespace):
-    from .pipelines import pipeline
+    from .pipelines import TextGenerationPipeline, pipeline
 
     tp = getattr(args, "tp", 1)
-    device = args.device
-    if tp > 1 and device == "cuda":
-        from .parallel import read_env
+    inference = inference_options(args)
+    if tp == 1:
+        pipe = pipeline("text-generation", model=args.model, tokenizer=args.tokenizer, device=args.device,
+                        dtype=args.dtype, quantize=inference.quantize, compile=inference.compile,
+                        cpu_kernels=inference.cpu_kernels)
+    else:  # under torchrun: every rank holds a slice and computes the same tokens
+        from .assets import default_model_path
+        from .checkpoint import load_pretrained
+        from .parallel import read_env, setup_tp_inference
+        from .tokenizer import load_tokenizer
 
-        device = f"cuda:{read_env().local_rank}"
-    pipe = pipeline("text-generation", model=args.model, tokenizer=args.tokenizer, device=device, dtype=args.dtype)
-    if tp > 1:  # under torchrun: every rank holds a slice and computes the same tokens
-        from .parallel import setup_tp_inference
-
-        setup_tp_inference(pipe.model, tp)
+        device = f"cuda:{read_env().local_rank}" if args.device == "cuda" else args.device
+        loaded = load_pretrained(args.model or default_model_path(), device=device, dtype=args.dtype)
+        setup_tp_inference(loaded.model, tp)  # before the pipeline prepares its view of the model
+        tok = load_tokenizer(args.tokenizer or loaded.path)
+        pipe = TextGenerationPipeline(loaded.model, tok, loaded.generation, inference)
+    if getattr(args, "verbose", False):
+        print(f"gpt3zh: {pipe!r}", file=sys.stderr, flush=True)
     return pipe
 
 
@@ -90,6 +119,7 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks (launch with torchrun --nproc_per_node N; rank 0 prints)")
     _generation_flags(p)
+    inference_flags(p)
 
 
 def generate_run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
@@ -124,7 +154,7 @@ def generate_run(args: argparse.Namespace, stdin: TextIO | None = None, stdout: 
             print(json.dumps({"prompt": prompt, "text": text}, ensure_ascii=False), file=stdout, flush=True)
     elif streamed:
         for prompt in prompts:
-            _stream_to(stdout, pipe.stream(prompt, **opts))
+            _stream_to(stdout, pipe.stream(prompt, **opts), prompt)
     else:
         for _, text in _batched(pipe, prompts, args.batch_size, opts):
             print(text, file=stdout, flush=True)
@@ -147,7 +177,8 @@ def _batched(pipe, prompts: list[str], size: int, opts) -> Iterator[tuple[str, s
             yield prompt, out["text"]
 
 
-def _stream_to(out: TextIO, pieces: Iterable[str]) -> None:
+def _stream_to(out: TextIO, pieces: Iterable[str], prompt: str = "") -> None:
+    out.write(prompt)
     for piece in pieces:
         out.write(piece)
         out.flush()
@@ -166,7 +197,7 @@ def interactive(pipe, opts: dict[str, Any], out: TextIO, read: Callable[[str], s
         if not prompt.strip() or prompt.strip() in ("exit", "quit"):
             break
         try:
-            _stream_to(out, pipe.stream(prompt, **opts))
+            _stream_to(out, pipe.stream(prompt, **opts), prompt)
         except ValueError as err:  # a bad prompt (e.g. too long) should not end the session
             print(f"error: {err}", file=out, flush=True)
     return 0
@@ -193,7 +224,7 @@ def demo_run(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
         print(_NOISE_BANNER, file=sys.stderr, flush=True)
         pipe = random_demo_pipeline(args.device)
     for i, opening in enumerate(DEMO_OPENINGS):
-        _stream_to(stdout, pipe.stream(opening, max_new_tokens=args.max_new_tokens, seed=args.seed + i))
+        _stream_to(stdout, pipe.stream(opening, max_new_tokens=args.max_new_tokens, seed=args.seed + i), opening)
     return 0
 
 
@@ -212,8 +243,7 @@ def random_demo_pipeline(device: str = "cpu"):
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, d_model=64, max_seq_len=128)
     model = GPT(cfg).to(device).eval()
-    model.generation_defaults = GenerationDefaults(eod_id=tok.eod_id, tokens_to_generate=48)
-    return TextGenerationPipeline(model, tok)
+    return TextGenerationPipeline(model, tok, GenerationDefaults(eod_id=tok.eod_id, tokens_to_generate=48))
 
 
 GENERATE = (generate_args, generate_run, "generate text: stream continuations of prompts (arguments, --file, stdin)")

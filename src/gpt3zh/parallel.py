@@ -14,7 +14,6 @@ else takes ranks, sizes and meshes as arguments, so the same code runs under a f
 from __future__ import annotations
 
 import fnmatch
-import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -295,8 +295,6 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     vocab_parallel_cross_entropy), which is what makes the vocab split pay. The result is a plain
     tensor, identical on the ranks of a tp group, and backward works outside any context manager.
     """
-    import torch.nn.functional as F
-
     if not isinstance(logits, DTensor):
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
     if logits.placements != (Shard(logits.dim() - 1),):
@@ -359,11 +357,12 @@ def clip_grad_norm_(parameters, max_norm: float) -> float:
 def tensor_parallel_model(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     """Shard `model` in place for inference over `tp_mesh` with plain local tensors (gpt-fast style).
 
-    Same table as training (TP_PLAN), but each rank keeps ordinary tensors holding its slice and a
-    row-parallel layer all-reduces its output in a forward hook. Plain tensors keep everything that
-    reads parameter shapes working unchanged: the KV cache sizes itself from the local qkv width,
-    and generation's tied head sees the whole (replicated) embedding. Every rank must run the same
-    calls with the same inputs; all ranks then hold the same logits and pick the same tokens.
+    Same table as training (TP_PLAN), as module swaps: a column-parallel layer becomes an nn.Linear
+    holding its slice of the output features, a row-parallel one a `RowParallelLinear` holding its
+    slice of the input features, which all-reduces its partial products. Plain tensors keep
+    everything that reads parameter shapes working unchanged: the KV cache sizes itself from the
+    local qkv width, and the tied head sees the whole (replicated) embedding. Every rank must run the
+    same calls with the same inputs; all ranks then hold the same logits and pick the same tokens.
     """
     tp = tp_mesh.size()
     if tp == 1:
@@ -374,21 +373,41 @@ def tensor_parallel_model(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     modules = dict(model.named_modules())
     for name, kind in tp_plan_for(model).items():
         lin = modules[name]
-        dim = 0 if kind == "colwise" else 1
-        lin.weight = nn.Parameter(lin.weight.detach().chunk(tp, dim)[rank].clone(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        parent = modules[parent_name] if parent_name else model
         if kind == "colwise":
-            lin.bias = nn.Parameter(lin.bias.detach().chunk(tp, 0)[rank].clone(), requires_grad=False)
+            part = nn.Linear(lin.in_features, lin.out_features // tp, device=lin.weight.device, dtype=lin.weight.dtype)
+            part.weight = nn.Parameter(lin.weight.detach().chunk(tp, 0)[rank].clone(), requires_grad=False)
+            part.bias = nn.Parameter(lin.bias.detach().chunk(tp, 0)[rank].clone(), requires_grad=False)
         else:
-            # the bias is added once, after the partial products are summed
-            bias = lin.bias.detach()
-            lin.bias = None
-            lin.register_forward_hook(functools.partial(_all_reduce_add_bias, bias=bias, group=group))
+            part = RowParallelLinear(lin.weight.detach().chunk(tp, 1)[rank].clone(), lin.bias.detach().clone(), group)
+        setattr(parent, child, part)
     return model
 
 
-def _all_reduce_add_bias(module, inputs, out: torch.Tensor, *, bias: torch.Tensor, group) -> torch.Tensor:
-    dist.all_reduce(out, group=group)
-    return out + bias
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_slice @ W_slice^T) + b: this rank's slice of the input features (inference)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, group) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in / tp)
+        self.bias = nn.Parameter(bias, requires_grad=False)  # (out,), added once, after the sum
+        self._group = _SharedRef(group)  # a prepared view (deepcopy of the modules) shares the group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        dist.all_reduce(y, group=self._group.value)
+        return y + self.bias
+
+
+class _SharedRef:
+    """Holds an object that copies of a module must share, not copy (a process group)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __deepcopy__(self, memo) -> _SharedRef:
+        return self
 
 
 def setup_tp_inference(model: nn.Module, tp: int, env: DistEnv | None = None) -> DeviceMesh:

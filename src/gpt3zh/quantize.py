@@ -2,7 +2,7 @@
 
 `quantize_int8(model)` replaces every nn.Linear by a `QuantLinear` holding int8 weights (N, K) and
 one fp scale per output channel (absmax / 127, symmetric, round to nearest), and gives the tied
-output head its own int8 copy of the embedding (`model.lm_head`). The embedding lookup keeps the
+output head its own int8 copy of the embedding (`model.head`). The embedding lookup keeps the
 float table: a gather reads one row per token, so quantizing it saves memory but no time.
 
 How the int8 matmul runs, per device (measured, docs/benchmarks.md "Fast inference (CPU)"):
@@ -78,23 +78,21 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_int8(model: GPT) -> GPT:
     """Quantize `model` in place (every nn.Linear and the tied head) and return it.
 
-    After this, `model.head(h)` is the int8 head, so `model(idx)` and every generation path use it;
-    `model.lm_head` holds it. The float embedding stays for the token lookup. A quantized model is
-    for inference only: it has no trainable weights in its linears and cannot be saved by
-    `save_model` (quantize after loading instead).
+    Module swaps only: every nn.Linear becomes a QuantLinear, and the TiedHead becomes a QuantLinear
+    over an int8 copy of the embedding (the float table stays for the token lookup, where a gather
+    reads one row per token: quantizing it would save memory but no time). A quantized model is for
+    inference only: it has no trainable weights in its linears and cannot be saved by `save_model`
+    (quantize after loading instead).
     """
     if is_quantized(model):
         return model
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
+            if type(child) is nn.Linear:
                 setattr(module, child_name, QuantLinear.from_linear(child))
-    model.lm_head = QuantLinear(model.tok_emb.weight, None)
-    # An instance attribute shadows the GPT.head method: model.forward and generation go through it.
-    object.__setattr__(model, "head", model.lm_head)
+    model.head = QuantLinear(model.tok_emb.weight, None)
     return model
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "lm_head", None), QuantLinear)
-
+    return isinstance(getattr(model, "head", None), QuantLinear)

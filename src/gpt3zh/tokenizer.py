@@ -155,6 +155,12 @@ class Tokenizer:
         """The text ModelScope's pipeline returns for these ids (prompt included)."""
         return self.decode(ids, skip_special_tokens=True)
 
+    def unstable_tail(self, ids: Sequence[int]) -> int:
+        """How many trailing tokens of `ids` decode to text that later tokens may still change
+        (beyond an incomplete character, which shows as a trailing U+FFFD). For incremental
+        detokenization (gpt3zh.detokenize); 0 when decoding is prefix-stable."""
+        return 0
+
     # -- vocabulary
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -232,6 +238,14 @@ class BertTokenizer(Tokenizer):
             pieces.append(unk if token is None else token)
         text = " ".join(pieces).replace(" ##", "").strip()
         return remove_space_between_chinese_chars(_clean_up_tokenization(text))
+
+    def unstable_tail(self, ids: Sequence[int]) -> int:
+        # BERT decoding is not prefix-stable: "##" pieces grow the last word (and can change whether
+        # it counts as Chinese, i.e. the space before it), and transformers' clean-up rewrites the
+        # space around punctuation when the next word arrives. Words before the last two are final.
+        starts = [i for i, t in enumerate(ids)
+                  if t not in self.special_ids and not (self.id_to_token(t) or "").startswith("##")]
+        return len(ids) - starts[-2] if len(starts) >= 2 else len(ids)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "do_lower_case": self.do_lower_case}

@@ -6,7 +6,16 @@ number of tensor-parallel shards) and Hugging Face GPT-2. Conversion is a name t
 format (tables.py) plus named transforms (transforms.py) and TP split/merge (tp.py).
 """
 
-from .api import ModelDirInfo, convert, describe, load_model, save_model
+from .api import (
+    ModelDirInfo,
+    Pretrained,
+    convert,
+    describe,
+    load_generation_defaults,
+    load_model,
+    load_pretrained,
+    save_model,
+)
 from .errors import CheckpointError
 from .formats import FORMATS
 from .tp import merge_state_dicts, reshard, split_state_dict
@@ -17,7 +26,10 @@ __all__ = [
     "ModelDirInfo",
     "convert",
     "describe",
+    "Pretrained",
+    "load_generation_defaults",
     "load_model",
+    "load_pretrained",
     "merge_state_dicts",
     "reshard",
     "save_model",

@@ -53,8 +53,20 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
-def load_model(path: PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> GPT:
-    """Load any supported model directory (format detected) as a GPT in eval mode.
+@dataclass(frozen=True)
+class Pretrained:
+    """What a model directory holds: the model and, beside it, its generation defaults."""
+
+    model: GPT
+    generation: GenerationDefaults
+    path: Path
+    format: str
+
+
+def load_pretrained(path: PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | str | None = None) -> Pretrained:
+    """Load any supported model directory (format detected): the GPT, in eval mode, and its
+    generation defaults (ModelScope's config.json eod_id, top_k, top_p, ...).
 
     dtype=None keeps the stored dtype. The model is built on the meta device and the checked
     tensors are assigned in place, so no memory is spent on a throwaway random init.
@@ -66,8 +78,19 @@ def load_model(path: PathLike, device: str | torch.device = "cpu", dtype: torch.
     with torch.device("meta"):
         model = GPT(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
-    model.generation_defaults = gen
-    return model.to(device).eval()
+    return Pretrained(model.to(device).eval(), gen, d, fmt.name)
+
+
+def load_model(path: PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> GPT:
+    """Load any supported model directory (format detected) as a GPT in eval mode (see
+    load_pretrained for its generation defaults)."""
+    return load_pretrained(path, device, dtype).model
+
+
+def load_generation_defaults(path: PathLike) -> GenerationDefaults:
+    """A model directory's generation defaults, read from its config files (no weights)."""
+    d = Path(path)
+    return formats.detect(d).read_config(d)[1]
 
 
 def save_model(
@@ -77,13 +100,15 @@ def save_model(
     tp: int = 1,
     tokenizer: Any = None,
     overwrite: bool = False,
+    generation: GenerationDefaults | None = None,
 ) -> Path:
     """Write `model` as a model directory in `format`; tp > 1 only for "megatron".
 
-    tokenizer: an object with .save(dir) (its files go next to the weights). The directory is
-    written to a temp dir and renamed into place, so a failure never damages an existing out_dir.
+    tokenizer: an object with .save(dir) (its files go next to the weights). generation: the
+    defaults written beside the config (default GenerationDefaults()). The directory is written to
+    a temp dir and renamed into place, so a failure never damages an existing out_dir.
     """
-    return _write(model, Path(out_dir), format, tp, overwrite, tokenizer=tokenizer)
+    return _write(model, Path(out_dir), format, tp, overwrite, generation or GenerationDefaults(), tokenizer=tokenizer)
 
 
 def convert(
@@ -100,21 +125,22 @@ def convert(
     megatron blocks rewritten as ModelScope's own save_pretrained does).
     """
     src = Path(src)
-    model = load_model(src, dtype=dtype)
+    loaded = load_pretrained(src, dtype=dtype)
     conf = src / "configuration.json"
     base = read_json(conf, "ModelScope configuration") if conf.is_file() else None
     copies = [src / name for name in formats.TOKENIZER_FILES if (src / name).is_file()]
-    return _write(model, Path(dst), to, tp, overwrite, base=base, copies=copies)
+    return _write(loaded.model, Path(dst), to, tp, overwrite, loaded.generation, base=base, copies=copies)
 
 
-def _write(model, out: Path, format: str, tp: int, overwrite: bool, tokenizer=None, base=None, copies=()) -> Path:
+def _write(model, out: Path, format: str, tp: int, overwrite: bool, generation: GenerationDefaults,
+           tokenizer=None, base=None, copies=()) -> Path:
     if format not in formats.FORMATS:
         raise CheckpointError(f"unknown format {format!r} (expected one of: {', '.join(formats.FORMATS)})")
     if tp != 1 and format != "megatron":
         raise CheckpointError(f"tp={tp}: only the 'megatron' format is written as tensor-parallel shards")
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_output_dir(out, overwrite, formats.is_model_dir) as tmp:
-        formats.FORMATS[format].write(sd, model.config, model.generation_defaults, tmp, tp, base)
+        formats.FORMATS[format].write(sd, model.config, generation, tmp, tp, base)
         for path in copies:
             shutil.copy2(path, tmp / path.name)
         if tokenizer is not None:

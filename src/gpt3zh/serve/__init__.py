@@ -1,4 +1,4 @@
-"""OpenAI-compatible serving: a continuous-batching engine and its FastAPI app.
+"""OpenAI-compatible serving: the engine (gpt3zh.engine) in a thread, and its FastAPI app.
 
 `create_app(model, tokenizer, ServeConfig(...))` builds the app; `serve(...)` runs it with uvicorn.
 Names resolve lazily, so `gpt3zh.serve.settings` (used by the CLI parser) does not import FastAPI.
@@ -10,18 +10,13 @@ import importlib
 
 _LAZY = {
     "APIError": "gpt3zh.serve.app",
-    "BackgroundServer": "gpt3zh.serve.app",
     "create_app": "gpt3zh.serve.app",
     "serve": "gpt3zh.serve.app",
     "ServeConfig": "gpt3zh.serve.settings",
-    "Engine": "gpt3zh.serve.engine",
-    "EngineLimits": "gpt3zh.serve.engine",
-    "EngineRequest": "gpt3zh.serve.engine",
-    "QueueFull": "gpt3zh.serve.engine",
+    "EngineThread": "gpt3zh.serve.runner",
 }
 
-__all__ = ["APIError", "BackgroundServer", "Engine", "EngineLimits", "EngineRequest", "QueueFull",
-           "ServeConfig", "create_app", "serve"]
+__all__ = ["APIError", "EngineThread", "ServeConfig", "create_app", "serve"]
 
 
 def __getattr__(name: str):

@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,27 +25,29 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..generation import GenerationConfig
+from starlette.concurrency import run_in_threadpool
+
+from ..config import GenerationConfig, GenerationDefaults
+from ..engine import Engine, ErrorEvent, FinishEvent, QueueFull, TokenEvent, rows_config
+from ..engine import Request as EngineRequest
+from ..inference import InferenceModel, InferenceOptions, prepare
 from ..model import GPT
 from . import protocol as P
-from .engine import (
-    Engine,
-    EngineLimits,
-    EngineRequest,
-    ErrorEvent,
-    FinishEvent,
-    Handle,
-    QueueFull,
-    TokenEvent,
-)
 from .metrics import Metrics
+from .runner import EngineThread, Handle
 from .settings import ServeConfig
+
+log = logging.getLogger("gpt3zh.serve")
 
 
 class Tokenizer(Protocol):
+    sep_id: int | None
+
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: list[int]) -> str: ...
+
+    def unstable_tail(self, ids: list[int]) -> int: ...
 
 
 class APIError(Exception):
@@ -63,18 +65,24 @@ class APIError(Exception):
 
 
 # ------------------------------------------------------------------------------------------ app
-def create_app(model: GPT, tokenizer: Tokenizer, config: ServeConfig | None = None,
-               model_id: str = "gpt3zh") -> FastAPI:
-    """The app; its lifespan starts the engine thread and stops it on shutdown."""
-    server = _Server(model, tokenizer, config or ServeConfig(), model_id)
+def create_app(model: GPT | InferenceModel, tokenizer: Tokenizer, config: ServeConfig | None = None,
+               model_id: str = "gpt3zh", defaults: GenerationDefaults | None = None,
+               inference: InferenceOptions | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine thread and stops it on shutdown.
+
+    defaults: the model directory's generation defaults (default GenerationDefaults());
+    inference: how the model is prepared (gpt3zh.prepare; default: the fastest path for its device).
+    """
+    config = config or ServeConfig()
+    server = _Server(model, tokenizer, config, model_id, defaults or GenerationDefaults(), inference)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        server.engine.start()
+        server.start()
         try:
             yield
         finally:
-            server.engine.stop()
+            server.stop()
 
     app = FastAPI(title="gpt3zh", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -88,15 +96,32 @@ def create_app(model: GPT, tokenizer: Tokenizer, config: ServeConfig | None = No
 class _Server:
     """What the routes share: the engine, the tokenizer, the limits and the metrics."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, config: ServeConfig, model_id: str) -> None:
-        self.model, self.tokenizer, self.config, self.model_id = model, tokenizer, config, model_id
-        limits = EngineLimits(config.max_batch, config.max_queue, config.max_len)
-        self.engine = Engine(model, tokenizer.decode, limits)
-        self.metrics = Metrics(lambda: self.engine.queue_depth, lambda: self.engine.running)
-        self.engine.on_tokens = self.metrics.on_tokens
-        self.context = self.engine.max_len
-        self.defaults = model.generation_defaults
+    def __init__(self, model: GPT | InferenceModel, tokenizer: Tokenizer, config: ServeConfig, model_id: str,
+                 defaults: GenerationDefaults, inference: InferenceOptions | None) -> None:
+        self.prepared = prepare(model, inference)
+        self.tokenizer, self.config, self.model_id, self.defaults = tokenizer, config, model_id, defaults
+        self.vocab_size = self.prepared.config.vocab_size
+        self.context = min(config.max_len or self.prepared.config.max_seq_len, self.prepared.config.max_seq_len)
+        self.runner: EngineThread | None = None
+        self.metrics = Metrics(lambda: self.runner.engine.waiting if self.runner else 0,
+                               lambda: self.runner.engine.running if self.runner else 0)
         self.created = int(time.time())
+
+    def start(self) -> None:
+        engine = Engine(self.prepared, self.tokenizer, max_batch=self.config.max_batch, max_len=self.context,
+                        max_queue=self.config.max_queue)
+        self.runner = EngineThread(engine, self.metrics.on_tokens)
+        self.runner.start()
+        log.info("serving %s: %s, %d rows x %d slots", self.model_id, engine.prepared.description,
+                 engine.max_batch, engine.max_len)
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.runner.engine if self.runner else None
 
     def check_key(self, request: Request) -> None:
         if self.config.api_key is None:
@@ -120,17 +145,22 @@ class _Server:
                                param=param) from None
             ids = list(self.tokenizer.encode(prompt))
         else:
-            V = self.model.config.vocab_size
-            bad = [t for t in prompt if not 0 <= t < V]
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
             if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {V})", param=param)
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", param=param)
             ids = prompt
         if not ids:
             raise APIError(400, "the prompt encodes to no tokens; generation needs at least one", param=param)
         return ids
 
-    def generation_config(self, body: P._Sampling, prompt_len: int, param: str) -> GenerationConfig:
-        """The request's GenerationConfig, its length checked against the cap and the context."""
+    async def encode_all(self, prompts: list[str | list[int]], param: str) -> list[list[int]]:
+        """Tokenize in a worker thread: a long prompt must not stall the event loop's other streams."""
+        return await run_in_threadpool(lambda: [self.encode(p, param) for p in prompts])
+
+    def generation_config(self, body: P._Sampling, prompt_len: int, param: str, stop: tuple[str, ...]) -> GenerationConfig:
+        """The request's GenerationConfig: the model's defaults (GenerationConfig.from_defaults, as the
+        pipeline and the CLI), then the fields the request sets; its length checked against the
+        cap and the context."""
         room = self.context - prompt_len
         if room < 1:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens, and the "
@@ -144,19 +174,21 @@ class _Server:
                            f"requested {prompt_len + body.max_tokens} tokens ({prompt_len} in the prompt, "
                            f"{body.max_tokens} for the completion).", param="max_tokens",
                            code="context_length_exceeded")
-        d = self.defaults
-        max_new = body.max_tokens or min(d.tokens_to_generate, self.config.max_tokens, room)
-        temperature = d.temperature if body.temperature is None else body.temperature
-        return GenerationConfig(
-            max_new_tokens=max_new,
-            do_sample=temperature > 0,
-            temperature=temperature,
-            top_k=d.top_k if body.top_k is None else body.top_k,
-            top_p=d.top_p if body.top_p is None else body.top_p,
-            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
-            eos_token_id=(d.eod_id, *d.extra_stop_ids),
-            seed=body.seed,
-        )
+        base = GenerationConfig.from_defaults(self.defaults, self.vocab_size, self.tokenizer.sep_id)
+        fields: dict[str, Any] = {
+            "max_new_tokens": body.max_tokens or min(base.max_new_tokens, self.config.max_tokens, room),
+            "stop": stop,
+            "seed": body.seed,
+        }
+        if body.temperature is not None:  # OpenAI: 0 is greedy, anything else samples
+            fields.update(temperature=body.temperature, do_sample=body.temperature > 0)
+        for name in ("top_k", "top_p", "repetition_penalty"):
+            if getattr(body, name) is not None:
+                fields[name] = getattr(body, name)
+        try:
+            return base.replace(**fields)
+        except ValueError as err:  # a bound the protocol does not know (cannot happen with its limits)
+            raise APIError(400, str(err)) from None
 
     def check_count(self, sequences: int) -> None:
         """Refuse, before any work, a request for more sequences than the queue could ever hold."""
@@ -165,24 +197,28 @@ class _Server:
                            f"queues at most {self.config.max_queue}", param="n")
 
     def submit(self, requests: list[EngineRequest]) -> Handle:
+        if self.runner is None or not self.runner.alive:
+            raise APIError(503, "the engine is not running", type="server_error", headers={"Retry-After": "1"})
         try:
-            return self.engine.submit(requests)
+            return self.runner.submit(requests)
         except QueueFull as err:
             self.metrics.count(self.metrics.rejected)
             raise APIError(503, f"The server is busy ({err}); retry shortly.", type="server_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
 
 
 def _requests(server: _Server, body: P._Sampling, prompts: list[list[int]], stop: tuple[str, ...],
               param: str) -> list[EngineRequest]:
-    """One engine request per (prompt, choice); choice j of a seeded request uses seed + j."""
+    """One engine request per (prompt, choice); sequence k (= prompt i * n + choice j) of a seeded
+    request samples with seed + k, the rule gpt3zh.generate follows for its rows."""
     server.check_count(len(prompts) * body.n)
     out = []
     for i, ids in enumerate(prompts):
-        cfg = server.generation_config(body, len(ids), param)
-        for j in range(body.n):
-            seeded = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=(cfg.seed + j) % P.SEED_LIMIT)
-            out.append(EngineRequest(ids, seeded, stop, index=i * body.n + j))
+        cfg = server.generation_config(body, len(ids), param, stop)
+        seeds = rows_config(cfg, (i + 1) * body.n)[i * body.n:]
+        out += [EngineRequest(ids, c, index=i * body.n + j) for j, c in enumerate(seeds)]
     return out
 
 
@@ -192,7 +228,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
 
     @app.get("/health")
     async def health():
-        if server.engine._thread is None or not server.engine._thread.is_alive():
+        if server.runner is None or not server.runner.alive:
             raise APIError(503, "the engine thread is not running", type="server_error")
         return {"status": "ok", "model": server.model_id}
 
@@ -217,7 +253,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     async def completions(body: P.CompletionRequest, request: Request):
         server.check_model(body.model)
         server.check_count(len(body.prompts()) * body.n)
-        prompts = [server.encode(p, "prompt") for p in body.prompts()]
+        prompts = await server.encode_all(body.prompts(), "prompt")
         echoes = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in body.prompts()]
         handle = server.submit(_requests(server, body, prompts, body.stop_strings, "prompt"))
         stream = _CompletionStream(server, body, handle, echoes)
@@ -228,7 +264,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(body: P.ChatCompletionRequest, request: Request):
         server.check_model(body.model)
-        ids = server.encode(P.render_chat(body.messages), "messages")
+        ids = (await server.encode_all([P.render_chat(body.messages)], "messages"))[0]
         handle = server.submit(_requests(server, body, [ids], P.CHAT_STOP + body.stop_strings, "messages"))
         stream = _ChatStream(server, body, handle)
         if body.stream:
@@ -253,7 +289,7 @@ class _Stream:
         self.usage = P.Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         self.done = False
 
-    async def events(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
         finished, first = 0, True
         while finished < self.n_choices:
             ev = await self.handle.events.get()
@@ -264,18 +300,19 @@ class _Stream:
                 self.server.metrics.observe(self.server.metrics.ttft, time.perf_counter() - self.handle.submitted_at)
             if isinstance(ev, ErrorEvent):
                 raise APIError(500, ev.message, type="server_error")
-            self.texts[ev.index] += ev.text
+            index = ev.request.index
+            self.texts[index] += ev.text
             if isinstance(ev, FinishEvent):
                 finished += 1
-                self.reasons[ev.index] = ev.reason
-                self._count(ev)
-            yield ev
+                self.reasons[index] = ev.reason
+                self._count(index, ev)
+            yield index, ev
         self.done = True
 
-    def _count(self, ev: FinishEvent) -> None:
+    def _count(self, index: int, ev: FinishEvent) -> None:
         u = self.usage
         # n choices of one prompt share that prompt: count it once, as OpenAI does.
-        prompt = ev.prompt_tokens if ev.index % self.body.n == 0 else 0
+        prompt = ev.prompt_tokens if index % self.body.n == 0 else 0
         self.usage = P.Usage(prompt_tokens=u.prompt_tokens + prompt,
                              completion_tokens=u.completion_tokens + ev.completion_tokens,
                              total_tokens=u.total_tokens + prompt + ev.completion_tokens)
@@ -299,10 +336,10 @@ class _CompletionStream(_Stream):
         for i, echo in enumerate(self.echoes):
             if echo:
                 yield self._chunk([P.CompletionChoice(index=i, text=echo, finish_reason=None)])
-        async for ev in self.events():
+        async for index, ev in self.events():
             reason = ev.reason if isinstance(ev, FinishEvent) else None
             if ev.text or reason:
-                yield self._chunk([P.CompletionChoice(index=ev.index, text=ev.text, finish_reason=reason)])
+                yield self._chunk([P.CompletionChoice(index=index, text=ev.text, finish_reason=reason)])
         if self.include_usage:
             yield self._chunk([], self.usage)
 
@@ -325,12 +362,12 @@ class _ChatStream(_Stream):
     async def chunks(self) -> AsyncIterator[str]:
         roles = [P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content="")) for i in range(self.n_choices)]
         yield self._chunk(roles)
-        async for ev in self.events():
+        async for index, ev in self.events():
             reason = ev.reason if isinstance(ev, FinishEvent) else None
             if ev.text:
-                yield self._chunk([P.ChatChunkChoice(index=ev.index, delta=P.ChatDelta(content=ev.text))])
+                yield self._chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(content=ev.text))])
             if reason:
-                yield self._chunk([P.ChatChunkChoice(index=ev.index, delta=P.ChatDelta(), finish_reason=reason)])
+                yield self._chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(), finish_reason=reason)])
         if self.include_usage:
             yield self._chunk([], self.usage)
 
@@ -496,44 +533,16 @@ class _Observe:
 
 
 # ------------------------------------------------------------------------------------------ running
-def serve(model: GPT, tokenizer: Tokenizer, config: ServeConfig, model_id: str) -> None:
+def serve(model: GPT | InferenceModel, tokenizer: Tokenizer, config: ServeConfig, model_id: str,
+          defaults: GenerationDefaults | None = None, inference: InferenceOptions | None = None) -> None:
     """Run the server in the foreground until interrupted."""
     import uvicorn
 
-    app = create_app(model, tokenizer, config, model_id)
+    app = create_app(model, tokenizer, config, model_id, defaults, inference)
+    logger = logging.getLogger("gpt3zh")
+    if not logger.handlers:  # the startup line (model, path, layout) beside uvicorn's own
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
-
-
-class BackgroundServer:
-    """A real uvicorn server on a free loopback port, in a thread (tests and benchmarks).
-
-    The socket is bound before the thread starts, so there is no race for the port; `url` is ready
-    once the context is entered and the app's lifespan (the engine) has started.
-    """
-
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1") -> None:
-        import socket
-
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2, lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.sock.close()

@@ -5,8 +5,11 @@ and OpenAI options this server cannot honour (logprobs, logit_bias, suffix, best
 presence/frequency penalties, tools) are refused by name rather than silently ignored.
 
 Sampling fields left out take the model directory's generation defaults (ModelScope's config.json:
-temperature, top_k, top_p), not OpenAI's, because those are what the checkpoint was published with.
-`temperature=0` is greedy. `top_k` and `repetition_penalty` are extensions.
+temperature, top_k, top_p, through GenerationConfig.from_defaults, as the pipeline and the CLI),
+not OpenAI's, because those are what the checkpoint was published with. The meanings are the
+library's (gpt3zh.sampling), which agree with OpenAI's: `temperature=0` and `top_p=0` are greedy.
+`top_k` and `repetition_penalty` are extensions. Every numeric field is bounded (OpenAI's bounds
+where it has them) and types are strict: "5" is not an integer and "yes" not a boolean.
 
 Chat template. These are plain language models, not chat-tuned ones, so a conversation is rendered
 as a transcript the model can continue, one line per message:
@@ -33,10 +36,12 @@ CHAT_LABELS = {"system": "系统", "developer": "系统", "user": "用户", "ass
 CHAT_STOP = ("\n用户：", "\n系统：")
 MAX_STOP = 4  # as OpenAI
 SEED_LIMIT = 2**63  # torch generators take a signed 64-bit seed
+INT_LIMIT = 2**31 - 1  # bound for counts without a natural one (top_k beyond the vocabulary is "off")
+PENALTY_RANGE = (1e-6, 1e6)  # as GenerationConfig's
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
@@ -66,12 +71,12 @@ class _Sampling(_Strict):
     """Options shared by completions and chat completions."""
 
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=INT_LIMIT)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None  # extension
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None  # extension
-    n: Annotated[int, Field(ge=1)] = 1
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Field(ge=0, le=INT_LIMIT)] | None = None  # extension
+    repetition_penalty: Annotated[float, Field(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])] | None = None  # extension
+    n: Annotated[int, Field(ge=1, le=128)] = 1  # OpenAI's bound
     stop: str | list[str] | None = None
     seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None = None
     stream: bool = False
@@ -99,7 +104,8 @@ class _Sampling(_Strict):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
 
-PromptType = str | list[str] | list[int] | list[list[int]]
+TokenId = Annotated[int, Field(ge=0, le=INT_LIMIT)]
+PromptType = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 class CompletionRequest(_Sampling):
@@ -146,7 +152,7 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT_LIMIT)] | None = None  # the newer name of max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = None
 

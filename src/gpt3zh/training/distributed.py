@@ -186,12 +186,11 @@ class DistributedTrainer(Trainer):
             with torch.device("meta"):
                 whole = GPT(self.gpt_cfg)
             whole.load_state_dict(sd, assign=True)
-            whole.generation_defaults = model.generation_defaults
             shards = self.cfg.megatron.checkpoint_tensor_model_parallel_size or self.dims.tp
             for fmt in self.cfg.train.export_formats:
                 dest = self.work_dir / ("output" if fmt == "gpt3zh" else f"output_{fmt}")
                 tp = shards if fmt == "megatron" else 1
-                save_model(whole, dest, format=fmt, tp=tp, tokenizer=tok, overwrite=True)
+                save_model(whole, dest, format=fmt, tp=tp, tokenizer=tok, overwrite=True, generation=self.generation)
                 out = out or dest
         dist.barrier()
         return out

@@ -6,11 +6,8 @@ token embedding), as Megatron and nanoGPT do: decaying them only pulls scale par
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..config import GPTConfig
 from .config import OptimizerConfig
@@ -82,21 +79,17 @@ def stochastic_round_bf16(x: torch.Tensor) -> torch.Tensor:
 def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recompute each transformer block in the backward pass instead of storing its activations.
 
-    The block's forward is wrapped in place, so parameter names and the model file stay as they
-    are. Dropout masks are replayed exactly (checkpoint restores the RNG state for recompute).
+    torch's composable `checkpoint` (non-reentrant, through module hooks): the model's structure,
+    its parameter names and forward stay as they are, so the tensor-parallel plan, FSDP and
+    checkpoints see the same model. Dropout masks are replayed exactly (the RNG state is restored
+    for the recompute). Applying it twice is a no-op.
     """
+    from torch.distributed._composable import checkpoint
+
     for block in model.blocks:
-        if getattr(block, "_checkpointed", False):
-            continue
-        block.forward = functools.partial(_checkpointed, block.forward)
-        block._checkpointed = True
+        if checkpoint.state(block) is None:
+            checkpoint(block)
     return model
-
-
-def _checkpointed(forward, *args, **kwargs):
-    if not torch.is_grad_enabled():
-        return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ memory estimate

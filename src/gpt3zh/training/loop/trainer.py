@@ -95,11 +95,12 @@ class Trainer:
         if self.cfg.model.preset is not None:
             model = GPT(gpt_cfg)
             # a fine-tuned model ends its answers with <sep>: make that the saved stop token
-            model.generation_defaults = GenerationDefaults(eod_id=self.tok.sep_id)
+            self.generation = GenerationDefaults(eod_id=self.tok.sep_id)
         else:
-            from ...checkpoint import load_model
+            from ...checkpoint import load_pretrained
 
-            model = load_model(self.cfg.model.path)
+            loaded = load_pretrained(self.cfg.model.path)
+            model, self.generation = loaded.model, loaded.generation
         model = model.to(self.device)
         if self.cfg.train.param_dtype == "bf16":
             model = model.to(torch.bfloat16)
@@ -146,7 +147,7 @@ class Trainer:
         out = None
         for fmt in self.cfg.train.export_formats:
             dest = self.work_dir / ("output" if fmt == "gpt3zh" else f"output_{fmt}")
-            save_model(model, dest, format=fmt, tokenizer=tok, overwrite=True)
+            save_model(model, dest, format=fmt, tokenizer=tok, overwrite=True, generation=self.generation)
             out = out or dest
         return out
 

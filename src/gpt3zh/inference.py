@@ -1,0 +1,199 @@
+"""Preparing a model for inference: the per-model transforms, done once, in one visible step.
+
+`prepare(model, dtype=..., quantize=..., compile=..., cpu_kernels=...)` returns an `InferenceModel`:
+the module to run (its own module objects, so the caller's model is never mutated: no KV cache, no
+eval() on it), the one-token step function the engine calls, and a description of the chosen path
+(its repr; the CLI's --verbose and the server's startup log print it). Prepared copies are cached,
+one per model, and rebuilt when its weights are replaced (or, for a cast / int8 copy, updated).
+
+The transforms, in order:
+1. dtype / int8: a transformed copy (`copy.deepcopy(model).to(dtype)`, `quantize_int8`). Without
+   them the module is a view: new module objects around the model's own parameter tensors, so
+   nothing is copied and in-place weight updates show.
+2. CPU kernels (default on when decoding on a CPU with more than one thread): `fast.chunk_layers`
+   (the chunked-GEMV layers) and `fast.LeanStep` as the decode step.
+3. compile: torch.compile of the modules' one-token step, with static shapes (the engine then
+   decodes every row over the whole cache, masked, so one graph serves a whole call).
+
+The fastest correct path for the device is the default; every choice can be turned off.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from . import fast
+from .config import InferenceOptions
+from .model import GPT
+from .quantize import is_quantized, quantize_int8
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or None = the model's own), got {name!r}")
+    return DTYPES[name]
+
+
+class InferenceModel:
+    """A model prepared for inference: `module` to run, `step` for one-token decode steps.
+
+    `step(idx (B, 1), positions (B, 1), cache_pos, mask, slots) -> logits (B, V)` takes GPT.hidden's
+    arguments: cache_pos (1,) shared by all rows with mask None (the rows attend to the first
+    `slots` slots), or (B, 1) per row with a (B, 1, 1, S) mask. `static_shapes` asks the engine for
+    the same shapes at every step (compiled steps). One engine at a time holds the module's KV
+    cache (`claim`); a second concurrent user gets a `fork()`, a fresh view of the same tensors.
+    """
+
+    STEPS = ("modules", "lean", "compiled")
+
+    def __init__(self, module: GPT, options: InferenceOptions, parts: tuple[str, ...], step: str = "modules") -> None:
+        if step not in self.STEPS:
+            raise ValueError(f"step must be one of {self.STEPS}, got {step!r}")
+        self.module = module
+        self.options = options
+        self.config = module.config
+        self.parts = parts
+        self.step_kind = step
+        self.device = module.tok_emb.weight.device
+        self.dtype = module.tok_emb.weight.dtype
+        self.static_shapes = step == "compiled"
+        self._lean = fast.LeanStep(module) if step == "lean" else None
+        self._compiled = _compiled(_module_step) if step == "compiled" else None
+        self._lock = threading.Lock()
+
+    @property
+    def description(self) -> str:
+        return ", ".join((f"{self.device.type} {str(self.dtype).removeprefix('torch.')}", *self.parts))
+
+    def __repr__(self) -> str:
+        return f"InferenceModel({self.description})"
+
+    def step(self, idx, positions, cache_pos, mask, slots: int | None) -> torch.Tensor:
+        if self._compiled is not None:
+            return self._compiled(self.module, idx, positions, cache_pos, mask, None)
+        if self._lean is not None:
+            return self._lean(self.module, idx, positions, cache_pos, mask, slots)
+        return _module_step(self.module, idx, positions, cache_pos, mask, slots)
+
+    def prefill(self, idx: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Logits (n, V) at each row's `last` position of right-padded prompts idx (n, T), written
+        to cache slots 0..T-1 of cache rows `rows` (None = the first n)."""
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        h = self.module.hidden(idx, pos, pos, None, rows, T)  # (n, T, H), causal: pads come last
+        return self.module.head(h[torch.arange(idx.shape[0], device=idx.device), last])  # (n, V)
+
+    # -- ownership of the module's KV cache
+    def claim(self) -> InferenceModel:
+        """This model, or a fork when another engine holds it; `release()` when done."""
+        if self._lock.acquire(blocking=False):
+            return self
+        return self.fork().claim()
+
+    def release(self) -> None:
+        self.module.clear_kv_cache()
+        self._lock.release()
+
+    def fork(self) -> InferenceModel:
+        return InferenceModel(_view(self.module), self.options, self.parts, self.step_kind)
+
+
+def _module_step(module: GPT, idx, positions, cache_pos, mask, slots) -> torch.Tensor:
+    h = module.hidden(idx, positions, cache_pos, mask, None, slots)[:, -1]  # (B, H)
+    return module.head(h)  # (B, V)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(step):
+    fn = _COMPILED.get(step)
+    if fn is None:
+        # dynamic=False: one graph per (batch, cache length); the engine keeps those few.
+        fn = _COMPILED[step] = torch.compile(step, dynamic=False, fullgraph=True)
+    return fn
+
+
+# ------------------------------------------------------------------------------------------ prepare
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prepare(model: GPT | InferenceModel, options: InferenceOptions | None = None, **kwargs: Any) -> InferenceModel:
+    """`model` prepared for inference with `options` (or InferenceOptions(**kwargs)); cached."""
+    if options is not None and kwargs:
+        raise ValueError("give prepare() an InferenceOptions or keyword options, not both")
+    options = options or InferenceOptions.from_dict(kwargs)
+    if isinstance(model, InferenceModel):
+        if options != InferenceOptions() and options != model.options:
+            raise ValueError(f"{model!r} is already prepared with {model.options}; prepare the GPT itself "
+                             f"for other options")
+        return model
+    if not isinstance(model, GPT):
+        raise TypeError(f"prepare() takes a gpt3zh GPT (or an InferenceModel), got {type(model).__name__}")
+    threads = torch.get_num_threads()
+    copies = _needs_copy(model, options)
+    key = (options, threads, _weights_version(model, with_updates=copies))
+    cached = _PREPARED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    _PREPARED.pop(model, None)  # free a stale copy before making a new one
+    prepared = _build(model, options, threads, copies)
+    _PREPARED[model] = (key, prepared)
+    return prepared
+
+
+def _needs_copy(model: GPT, options: InferenceOptions) -> bool:
+    target = as_dtype(options.dtype)
+    return (target is not None and target != model.tok_emb.weight.dtype) or (
+        options.quantize == "int8" and not is_quantized(model))
+
+
+def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) -> InferenceModel:
+    parts: list[str] = []
+    if copies:
+        module = copy.deepcopy(_view(model)).to(as_dtype(options.dtype) or model.tok_emb.weight.dtype)
+        if options.quantize == "int8" and not is_quantized(module):
+            quantize_int8(module)
+    else:
+        module = _view(model)
+    if is_quantized(module):
+        parts.append("int8 weights")
+    w = module.tok_emb.weight
+    plain = type(w.data) is torch.Tensor  # a DTensor (training-parallel) model is run as it is
+    cpu = w.device.type == "cpu" and threads > 1 and plain and not options.compile
+    if options.cpu_kernels is True and not cpu:
+        raise ValueError("cpu_kernels=True needs a CPU model, more than one thread and compile=False")
+    step = "compiled" if options.compile else "modules"
+    if cpu and options.cpu_kernels is not False:
+        if fast.chunk_layers(module, threads):
+            parts.append(f"chunked GEMV over {threads} threads")
+        step = "lean"
+    parts.append({"lean": "flat decode step", "compiled": "compiled decode step", "modules": "module decode step"}[step])
+    return InferenceModel(module, options, tuple(parts), step)
+
+
+def _view(model: GPT) -> GPT:
+    """New module objects around the same parameter and buffer tensors, in eval mode, no KV cache."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    memo.update({id(b.attn.kv_cache): None for b in model.blocks if b.attn.kv_cache is not None})
+    view = copy.deepcopy(model, memo)
+    view.cache_len = 0
+    return view.eval()
+
+
+def _weights_version(model: GPT, with_updates: bool) -> tuple:
+    """Changes when a weight tensor is replaced or a layer swapped (and, with_updates, when one is
+    updated in place). Buffers count: int8 weights are buffers."""
+    tensors = (*model.parameters(), *model.buffers())
+    if with_updates:
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+    return tuple(t.data_ptr() for t in tensors)
