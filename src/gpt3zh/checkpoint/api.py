@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..config import GenerationDefaults, GPTConfig
+from ..hub import resolve_model
 from ..model import GPT
 from . import formats
 from .errors import CheckpointError
@@ -30,7 +31,8 @@ class ModelDirInfo:
 
 
 def describe(path: PathLike) -> ModelDirInfo:
-    d = Path(path)
+    """Format, config and generation defaults of a model directory (or ModelScope id)."""
+    d = resolve_model(path)
     fmt = formats.detect(d)
     cfg, gen = fmt.read_config(d)
     return ModelDirInfo(fmt.name, cfg, gen, {**fmt.extra(d), "tokenizer": _tokenizer_kind(d)})
@@ -56,10 +58,11 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 def load_model(path: PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> GPT:
     """Load any supported model directory (format detected) as a GPT in eval mode.
 
+    path may also be a ModelScope id (`damo/nlp_gpt3_text-generation_1.3B`, see gpt3zh.hub).
     dtype=None keeps the stored dtype. The model is built on the meta device and the checked
     tensors are assigned in place, so no memory is spent on a throwaway random init.
     """
-    d = Path(path)
+    d = resolve_model(path)
     fmt = formats.detect(d)
     cfg, gen = fmt.read_config(d)
     sd = fmt.read_weights(d, cfg, as_dtype(dtype))  # names and shapes checked against cfg
@@ -94,12 +97,12 @@ def convert(
     overwrite: bool = False,
     dtype: torch.dtype | str | None = None,
 ) -> Path:
-    """Convert a model directory to another format, carrying its tokenizer files along.
+    """Convert a model directory (or ModelScope id) to another format, carrying its tokenizer files along.
 
     A ModelScope source's configuration.json is the base of the written one (pipeline and
     megatron blocks rewritten as ModelScope's own save_pretrained does).
     """
-    src = Path(src)
+    src = resolve_model(src)
     model = load_model(src, dtype=dtype)
     conf = src / "configuration.json"
     base = read_json(conf, "ModelScope configuration") if conf.is_file() else None
