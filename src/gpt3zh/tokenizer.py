@@ -30,6 +30,8 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from .hub import resolve_model
+
 CONFIG_NAME = "tokenizer_config.json"
 KINDS = ("jieba_bpe", "bert", "hf")
 JIEBA_PREPROCESSOR = "text-gen-jieba-tokenizer"  # ModelScope configuration.json marker
@@ -315,8 +317,11 @@ def remove_space_between_chinese_chars(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------- loading
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load the tokenizer of a model directory (or a tokenizer.json / vocab.txt file itself)."""
-    path = Path(path)
+    """Load the tokenizer of a model directory (or a tokenizer.json / vocab.txt file itself).
+
+    path may also be a ModelScope model id (`damo/nlp_gpt3_text-generation_1.3B`, see gpt3zh.hub).
+    """
+    path = resolve_model(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
     if path.is_file():

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..config import GenerationDefaults, GPTConfig
+from ..hub import resolve_model
 from ..model import GPT
 from . import formats
 from .errors import CheckpointError
@@ -30,7 +31,8 @@ class ModelDirInfo:
 
 
 def describe(path: PathLike) -> ModelDirInfo:
-    d = Path(path)
+    """Format, config and generation defaults of a model directory (or ModelScope id)."""
+    d = resolve_model(path)
     fmt = formats.detect(d)
     cfg, gen = fmt.read_config(d)
     return ModelDirInfo(fmt.name, cfg, gen, {**fmt.extra(d), "tokenizer": _tokenizer_kind(d)})
@@ -68,10 +70,11 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu",
     """Load any supported model directory (format detected): the GPT, in eval mode, and its
     generation defaults (ModelScope's config.json eod_id, top_k, top_p, ...).
 
+    path may also be a ModelScope id (`damo/nlp_gpt3_text-generation_1.3B`, see gpt3zh.hub).
     dtype=None keeps the stored dtype. The model is built on the meta device and the checked
     tensors are assigned in place, so no memory is spent on a throwaway random init.
     """
-    d = Path(path)
+    d = resolve_model(path)
     fmt = formats.detect(d)
     cfg, gen = fmt.read_config(d)
     sd = fmt.read_weights(d, cfg, as_dtype(dtype))  # names and shapes checked against cfg
@@ -89,7 +92,7 @@ def load_model(path: PathLike, device: str | torch.device = "cpu", dtype: torch.
 
 def load_generation_defaults(path: PathLike) -> GenerationDefaults:
     """A model directory's generation defaults, read from its config files (no weights)."""
-    d = Path(path)
+    d = resolve_model(path)
     return formats.detect(d).read_config(d)[1]
 
 
@@ -119,12 +122,12 @@ def convert(
     overwrite: bool = False,
     dtype: torch.dtype | str | None = None,
 ) -> Path:
-    """Convert a model directory to another format, carrying its tokenizer files along.
+    """Convert a model directory (or ModelScope id) to another format, carrying its tokenizer files along.
 
     A ModelScope source's configuration.json is the base of the written one (pipeline and
     megatron blocks rewritten as ModelScope's own save_pretrained does).
     """
-    src = Path(src)
+    src = resolve_model(src)
     loaded = load_pretrained(src, dtype=dtype)
     conf = src / "configuration.json"
     base = read_json(conf, "ModelScope configuration") if conf.is_file() else None

@@ -149,6 +149,8 @@ class MegatronSection:
 class ModelSection:
     """Either a model directory to fine-tune (`path`) or a preset to train from scratch."""
 
+    # a model directory or a ModelScope id (`damo/nlp_gpt3_text-generation_1.3B`), as the model
+    # cards' `model=` kwarg; an id is resolved through ModelScope's local cache (gpt3zh.hub)
     path: str | None = None
     preset: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields for a preset
@@ -162,7 +164,7 @@ class ModelSection:
 @dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    tokenizer: str | None = None  # default: the model directory's tokenizer
+    tokenizer: str | None = None  # a path or a ModelScope id; default: the model directory's tokenizer
     dataset: DatasetSection = field(default_factory=DatasetSection)
     preprocessor: PreprocessorSection = field(default_factory=PreprocessorSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -304,7 +306,9 @@ def _build_model_section(data: Any, where: str) -> ModelSection:
     if isinstance(data, str):
         return ModelSection(path=data)
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a model directory or {{preset: NAME, ...}}, got {data!r}")
+        raise ConfigError(
+            f"{where}: expected a model directory, a ModelScope id or {{preset: NAME, ...}}, got {data!r}"
+        )
     data = dict(data)
     path, preset = data.pop("path", None), data.pop("preset", None)
     overrides = dict(data.pop("overrides", None) or {})
@@ -481,7 +485,10 @@ def validate(cfg: TrainConfig) -> None:
     if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
         raise ConfigError(f"train.device: expected auto, cpu, cuda or cuda:N, got {t.device!r}")
     if cfg.model.path is None and cfg.model.preset is None:
-        raise ConfigError("model: give a model directory (model: DIR) or a preset (model: {preset: NAME})")
+        raise ConfigError(
+            "model: give a model directory or ModelScope id (model: DIR or OWNER/NAME) "
+            "or a preset (model: {preset: NAME})"
+        )
     if cfg.model.preset is not None and cfg.tokenizer is None:
         raise ConfigError("tokenizer: a model built from a preset has no tokenizer; set tokenizer: PATH")
     if cfg.dataset.train is None:

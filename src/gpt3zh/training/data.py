@@ -20,7 +20,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,33 @@ def detect_mode(rows: list[dict[str, Any]], where: str) -> str:
     return mode
 
 
+def rows_from_dataset(data: Any, where: str = "dataset") -> list[dict[str, Any]]:
+    """The src_txt / tgt_txt rows of an in-memory dataset, for `detect_mode` and `tokenize_rows`.
+
+    data: a `datasets.Dataset`, an MsDataset (anything with ModelScope's `to_hf_dataset()`, so
+    gpt3zh.compat.modelscope's and ModelScope's own), or a list of dicts. As ModelScope's GPT-3
+    trainer: src_txt only is continuation training, src_txt + tgt_txt trains the target only.
+    """
+    if hasattr(data, "to_hf_dataset"):
+        data = data.to_hf_dataset()
+    columns = getattr(data, "column_names", None)  # a datasets.Dataset: check the schema once
+    if columns is not None:
+        if SRC not in columns:
+            raise DataError(
+                f"{where}: no column {SRC!r} (columns: {', '.join(columns)}); rename one first, "
+                f"e.g. .remap_columns({{'text1': {SRC!r}}})"
+            )
+        rows = data.select_columns([c for c in (SRC, TGT) if c in columns]).to_list()
+    elif isinstance(data, (list, tuple)) and all(isinstance(r, Mapping) for r in data):
+        rows = [dict(r) for r in data]
+    else:
+        kind = type(data).__name__
+        raise DataError(f"{where}: expected a datasets.Dataset, an MsDataset or a list of dicts, got {kind}")
+    if not rows:
+        raise DataError(f"{where}: no rows (the dataset is empty)")
+    return rows
+
+
 # ------------------------------------------------------------------------------------ tokenizing
 @dataclass
 class TokenRows:
@@ -178,6 +205,12 @@ def tokenize_rows(rows: list[dict[str, Any]], tok, sequence_length: int, mode: s
     offsets[1:] = np.cumsum([len(t) for t in seqs])
     ids = np.fromiter((x for t in seqs for x in t), dtype=np.int32, count=int(offsets[-1]))
     return TokenRows(ids, offsets, np.array(starts, np.int64), np.array(chars, np.int64), mode, truncated)
+
+
+def tokenize_dataset(data: Any, tok, sequence_length: int, where: str = "dataset") -> TokenRows:
+    """An in-memory dataset (see `rows_from_dataset`) checked and tokenized as a data file is."""
+    rows = rows_from_dataset(data, where)
+    return tokenize_rows(rows, tok, sequence_length, detect_mode(rows, where))
 
 
 def _encode_all(tok, texts: list[str]) -> list[list[int]]:

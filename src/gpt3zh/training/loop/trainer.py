@@ -85,9 +85,11 @@ class Trainer:
         return describe(m.path).config
 
     def load_tokenizer(self):
+        from ...hub import resolve_model
         from ...tokenizer import load_tokenizer
 
-        source = self.cfg.tokenizer or self.cfg.model.path
+        # resolved here (an id -> its cached dir) so the token cache's fingerprint reads the files
+        source = resolve_model(self.cfg.tokenizer or self.cfg.model.path)
         return load_tokenizer(source), source
 
     def build_model(self, gpt_cfg: GPTConfig) -> torch.nn.Module:
