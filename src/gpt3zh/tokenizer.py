@@ -33,6 +33,8 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 CONFIG_NAME = "tokenizer_config.json"
 KINDS = ("jieba_bpe", "bert", "hf")
 JIEBA_PREPROCESSOR = "text-gen-jieba-tokenizer"  # ModelScope configuration.json marker
+# In a transformers-style tokenizer_config.json (gpt3zh's HF export), gpt3zh's own config sits here.
+HF_CONFIG_KEY = "gpt3zh"
 
 # Special-token names per kind; tokenizer_config.json may override any of them (null = absent).
 _DEFAULT_SPECIALS: dict[str, dict[str, str | None]] = {
@@ -439,6 +441,12 @@ def detect_kind(directory: str | os.PathLike) -> str:
     raise FileNotFoundError(f"no tokenizer in {directory}: expected tokenizer.json or vocab.txt")
 
 
+def written_by_gpt3zh_for_hf(directory: str | os.PathLike) -> bool:
+    """Whether the directory's tokenizer_config.json is an HF export's, written by gpt3zh."""
+    cfg = _read_json_if_exists(Path(directory) / CONFIG_NAME)
+    return isinstance(cfg, dict) and "type" not in cfg and isinstance(cfg.get(HF_CONFIG_KEY), dict)
+
+
 def _kind_of_file(path: Path) -> str:
     if path.suffix == ".txt":
         return "bert"
@@ -458,9 +466,14 @@ def _read_json_if_exists(path: Path) -> Any:
 
 
 def _read_own_config(directory: Path) -> dict[str, Any] | None:
-    """gpt3zh's tokenizer_config.json, or None if absent or written by someone else (no "type")."""
+    """gpt3zh's tokenizer config, or None if absent or written by someone else (no "type").
+
+    It is the whole tokenizer_config.json, or in an HF export the object under HF_CONFIG_KEY.
+    """
     path = directory / CONFIG_NAME
     cfg = _read_json_if_exists(path)
+    if written_by_gpt3zh_for_hf(directory):
+        cfg = cfg[HF_CONFIG_KEY]
     if not isinstance(cfg, dict) or "type" not in cfg:
         return None
     if cfg["type"] not in KINDS:

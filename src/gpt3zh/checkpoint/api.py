@@ -80,7 +80,8 @@ def save_model(
 ) -> Path:
     """Write `model` as a model directory in `format`; tp > 1 only for "megatron".
 
-    tokenizer: an object with .save(dir) (its files go next to the weights). The directory is
+    tokenizer: an object with .save(dir) (its files go next to the weights); a gpt3zh Tokenizer
+    saved as "hf" is written as transformers loads it (checkpoint/hf_tokenizer.py). The directory is
     written to a temp dir and renamed into place, so a failure never damages an existing out_dir.
     """
     return _write(model, Path(out_dir), format, tp, overwrite, tokenizer=tokenizer)
@@ -94,7 +95,7 @@ def convert(
     overwrite: bool = False,
     dtype: torch.dtype | str | None = None,
 ) -> Path:
-    """Convert a model directory to another format, carrying its tokenizer files along.
+    """Convert a model directory to another format, carrying its tokenizer along (see _carried_tokenizer).
 
     A ModelScope source's configuration.json is the base of the written one (pipeline and
     megatron blocks rewritten as ModelScope's own save_pretrained does).
@@ -103,8 +104,29 @@ def convert(
     model = load_model(src, dtype=dtype)
     conf = src / "configuration.json"
     base = read_json(conf, "ModelScope configuration") if conf.is_file() else None
-    copies = [src / name for name in formats.TOKENIZER_FILES if (src / name).is_file()]
-    return _write(model, Path(dst), to, tp, overwrite, base=base, copies=copies)
+    tokenizer, copies = _carried_tokenizer(src, to)
+    return _write(model, Path(dst), to, tp, overwrite, tokenizer=tokenizer, base=base, copies=copies)
+
+
+def _carried_tokenizer(src: Path, to: str) -> tuple[Any, list[Path]]:
+    """(a tokenizer to write, files to copy byte for byte): how the source's tokenizer travels.
+
+    Files are copied as they are, except where the HF format needs its own layout: a gpt3zh or
+    ModelScope tokenizer going to "hf" is written as transformers loads it, and one that gpt3zh wrote
+    into an HF export goes back to gpt3zh's own layout when it leaves "hf". A transformers tokenizer
+    that gpt3zh did not write is copied as is (gpt3zh cannot re-express it).
+    """
+    from ..tokenizer import load_tokenizer, written_by_gpt3zh_for_hf
+
+    files = [src / name for name in formats.TOKENIZER_FILES if (src / name).is_file()]
+    if not any(p.name != "tokenizer_config.json" for p in files):
+        return None, files
+    ours_in_hf = written_by_gpt3zh_for_hf(src)
+    if formats.detect(src).name == "hf" and not ours_in_hf:
+        return None, files
+    if to == "hf" or ours_in_hf:
+        return load_tokenizer(src), []
+    return None, files
 
 
 def _write(model, out: Path, format: str, tp: int, overwrite: bool, tokenizer=None, base=None, copies=()) -> Path:
@@ -114,9 +136,7 @@ def _write(model, out: Path, format: str, tp: int, overwrite: bool, tokenizer=No
         raise CheckpointError(f"tp={tp}: only the 'megatron' format is written as tensor-parallel shards")
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_output_dir(out, overwrite, formats.is_model_dir) as tmp:
-        formats.FORMATS[format].write(sd, model.config, model.generation_defaults, tmp, tp, base)
+        formats.FORMATS[format].write(sd, model.config, model.generation_defaults, tmp, tp, base, tokenizer)
         for path in copies:
             shutil.copy2(path, tmp / path.name)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
     return out
