@@ -311,3 +311,22 @@ def test_gpt_from_pretrained_is_load_model(exports):
         assert type(model) is GPT and not model.training
         a, b = model.state_dict(), ref.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_describe_names_the_exported_tokenizer_kind(exports):
+    names = {kind: describe(ex.dir).extra["tokenizer"] for kind, ex in exports.items()}
+    assert names == {"hf": "tokenizer.json (used as is)", "jieba_bpe": "tokenizer.json (jieba + BPE)",
+                     "bert": "vocab.txt (BERT WordPiece)"}  # fmt: skip
+
+
+def test_a_modelscope_1_3B_directory_exports_its_jieba_tokenizer(tmp_path, lines):
+    src = require_shared() / "modelscope-gpt3-1.3B"  # tokenizer.json + configuration.json, no gpt3zh config
+    cfg = PRESETS["1.3B"].replace(d_model=32, n_head=4, n_layer=2, max_seq_len=64)
+    d = save_model(GPT(cfg), tmp_path / "ms", format="megatron", tp=2)
+    for name in ("tokenizer.json", "configuration.json"):
+        (d / name).write_bytes((src / name).read_bytes())
+    assert not (d / "tokenizer_config.json").exists()
+    out = convert(d, tmp_path / "hf", to="hf")
+    hf = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    ours = load_tokenizer(src)
+    assert hf(lines[:50])["input_ids"] == ours.encode_batch(lines[:50])

@@ -36,12 +36,22 @@ def describe(path: PathLike) -> ModelDirInfo:
     return ModelDirInfo(fmt.name, cfg, gen, {**fmt.extra(d), "tokenizer": _tokenizer_kind(d)})
 
 
+_TOKENIZER_KINDS = {
+    "jieba_bpe": "tokenizer.json (jieba + BPE)",
+    "bert": "vocab.txt (BERT WordPiece)",
+    "hf": "tokenizer.json (used as is)",
+}
+
+
 def _tokenizer_kind(d: Path) -> str:
-    if (d / "tokenizer.json").is_file():
-        return "tokenizer.json (jieba + BPE)"
-    if (d / "vocab.txt").is_file():
-        return "vocab.txt (BERT WordPiece)"
-    return "none"
+    from ..tokenizer import detect_kind
+
+    if not ((d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file()):
+        return "none"
+    try:
+        return _TOKENIZER_KINDS[detect_kind(d)]  # an HF export holds tokenizer.json for every kind
+    except ValueError as err:  # an ambiguous directory: describe still describes the model
+        return f"unknown ({err})"
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
