@@ -1,5 +1,6 @@
 """Checkpoint loading, saving and conversion: every format against an independent reference."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -47,6 +48,12 @@ def model(tiny_config):
 @pytest.fixture
 def ids(tiny_config):
     return torch.randint(0, tiny_config.vocab_size, (2, 12))
+
+
+def as_written(gen: GenerationDefaults, fmt: str) -> GenerationDefaults:
+    """What a format keeps of the defaults: transformers has no top_p=0 (ModelScope's "off"), so the
+    HF format writes top_p=1.0, the same sampling."""
+    return dataclasses.replace(gen, top_p=1.0) if fmt == "hf" and gen.top_p == 0 else gen
 
 
 def assert_same_weights(a: GPT, b: GPT) -> None:
@@ -152,7 +159,8 @@ def test_save_then_load_is_exact(model, ids, tmp_path, fmt, tp):
     loaded = pretrained.model
     assert not loaded.training
     assert loaded.config == model.config
-    assert pretrained.generation == GEN and load_generation_defaults(out) == GEN and pretrained.format == fmt
+    written = as_written(GEN, fmt)
+    assert pretrained.generation == written and load_generation_defaults(out) == written and pretrained.format == fmt
     assert_same_weights(loaded, model)
     assert torch.equal(loaded(ids), model(ids))
     info = describe(out)
@@ -184,6 +192,9 @@ def test_full_conversion_chain_is_bitwise_exact(model, tmp_path):
     start = save_model(model, tmp_path / "a", generation=GEN)
     tokenizer = require_shared() / "modelscope-gpt3-1.3B" / "tokenizer.json"
     shutil.copy(tokenizer, start / "tokenizer.json")
+    # Said explicitly: the single-process configuration.json written on the way names the BERT
+    # preprocessor, and the HF step must know the kind to write a transformers tokenizer.
+    (start / "tokenizer_config.json").write_text('{"type": "jieba_bpe"}')
     ms = convert(start, tmp_path / "b", to="modelscope")
     mg = convert(ms, tmp_path / "c", to="megatron", tp=4)
     hf = convert(mg, tmp_path / "d", to="hf")
@@ -192,7 +203,9 @@ def test_full_conversion_chain_is_bitwise_exact(model, tmp_path):
     assert describe(mg).extra["tp"] == 4
     final = load_pretrained(back)
     assert_same_weights(final.model, model)
-    assert final.model.config == model.config and final.generation == GEN
+    # The HF step adds the tokenizer's <sep> (id 1) as a stop id, where gpt3zh's pipeline stops too.
+    expected = dataclasses.replace(as_written(GEN, "hf"), extra_stop_ids=(1,))
+    assert final.model.config == model.config and final.generation == expected
     assert (back / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
     assert describe(back).extra["tokenizer"].startswith("tokenizer.json")
 

@@ -238,12 +238,31 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class _LazySubcommands(argparse._SubParsersAction):
+    """Subcommands whose flags are added only when the subcommand is chosen.
+
+    Some commands derive their flags from dataclasses in modules that import torch (seconds);
+    `gpt3zh --help` and every other command then never pay for them.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pending: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        add_args = self.pending.pop(values[0], None)  # values: [command, its arguments...]
+        if add_args is not None:
+            add_args(self._name_parser_map[values[0]])
+        super().__call__(parser, namespace, values, option_string)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt3zh", description="Chinese GPT-3 toolkit")
     parser.add_argument("--version", action="version", version="gpt3zh 0.1.0")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", action=_LazySubcommands)
     for name, (add_args, _, help_text) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        sub.add_parser(name, help=help_text, description=help_text)
+        sub.pending[name] = add_args
     return parser
 
 

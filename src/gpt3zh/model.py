@@ -153,6 +153,13 @@ class GPT(nn.Module):
         if self.tok_emb.weight.device.type != "meta":
             self.init_weights()
 
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> GPT:
+        """`gpt3zh.checkpoint.load_model(path, **kwargs)` under transformers' name (any supported format)."""
+        from .checkpoint import load_model  # at call time: model.py imports torch and config only
+
+        return load_model(path, **kwargs)
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """Megatron's from-scratch init: N(0, std); output projections N(0, std / sqrt(2L))."""

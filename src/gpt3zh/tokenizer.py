@@ -35,6 +35,8 @@ from .hub import resolve_model
 CONFIG_NAME = "tokenizer_config.json"
 KINDS = ("jieba_bpe", "bert", "hf")
 JIEBA_PREPROCESSOR = "text-gen-jieba-tokenizer"  # ModelScope configuration.json marker
+# In a transformers-style tokenizer_config.json (gpt3zh's HF export), gpt3zh's own config sits here.
+HF_CONFIG_KEY = "gpt3zh"
 
 # Special-token names per kind; tokenizer_config.json may override any of them (null = absent).
 _DEFAULT_SPECIALS: dict[str, dict[str, str | None]] = {
@@ -163,6 +165,68 @@ class Tokenizer:
         detokenization (gpt3zh.detokenize); 0 when decoding is prefix-stable."""
         return 0
 
+    # -- transformers habits: tok(text), tok.batch_decode(rows), Tokenizer.from_pretrained(path)
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        *,
+        padding: bool | str = False,
+        padding_side: str = "right",
+        return_tensors: str | None = None,
+    ) -> BatchEncoding:
+        """Model inputs as transformers tokenizers return them: `input_ids` and `attention_mask`.
+
+        The ids are `encode_prompt`'s, what generation feeds the model (equal to `encode` except for
+        BERT, whose trailing [SEP] ModelScope drops before generating); gpt3zh's HF export gives the
+        same ids. A str gives flat lists, a list of str one row per text. padding=True (or "longest")
+        pads every row to the longest with pad_id on `padding_side` ("left" for batched generation),
+        mask 0 there. return_tensors="pt": (B, T) int64 tensors, B = 1 for a str.
+        """
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"tokenizer input must be a str or a list of str; got a list holding {bad[0]}")
+        if padding not in (False, True, "longest", "do_not_pad"):
+            raise ValueError(f"padding must be True, False, 'longest' or 'do_not_pad'; got {padding!r}")
+        ids = [self.encode_prompt(t) for t in texts]
+        if padding in (True, "longest"):
+            ids, mask = self._pad(ids, padding_side)
+        else:
+            mask = [[1] * len(row) for row in ids]
+        if return_tensors is not None:
+            ids, mask = _as_tensor(ids, return_tensors), _as_tensor(mask, return_tensors)
+        elif single:
+            ids, mask = ids[0], mask[0]
+        return BatchEncoding(input_ids=ids, attention_mask=mask)
+
+    def _pad(self, rows: list[list[int]], side: str) -> tuple[list[list[int]], list[list[int]]]:
+        """(ids, mask) with every row padded to the longest on `side`."""
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        if self.pad_id is None:
+            name = self.specials.get("pad_token")
+            raise TokenizerError(f"padding needs a pad token; this tokenizer has none (pad_token={name!r})")
+        width = max(map(len, rows), default=0)
+        ids, mask = [], []
+        for row in rows:
+            pad, zeros, ones = [self.pad_id] * (width - len(row)), [0] * (width - len(row)), [1] * len(row)
+            ids.append(pad + row if side == "left" else row + pad)
+            mask.append(zeros + ones if side == "left" else ones + zeros)
+        return ids, mask
+
+    def batch_decode(self, sequences: Iterable[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        """`decode` of each row; rows may be lists of ids or the rows of a (B, T) tensor."""
+        return [self.decode(_as_id_list(row), skip_special_tokens=skip_special_tokens) for row in sequences]
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
+        """`load_tokenizer(path)` under transformers' name; the kind comes from the files."""
+        tok = load_tokenizer(path)
+        if not isinstance(tok, cls):
+            raise TokenizerError(f"{path} holds a {type(tok).__name__} ({tok.kind}), not a {cls.__name__}")
+        return tok
+
     # -- vocabulary
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -183,6 +247,32 @@ class Tokenizer:
         text = json.dumps(self.config(), ensure_ascii=False, indent=2) + "\n"
         _write_atomic(directory / CONFIG_NAME, text.encode("utf-8"))
         return directory
+
+
+class BatchEncoding(dict):
+    """What calling a tokenizer returns: a dict (`input_ids`, `attention_mask`) read as attributes too."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _as_tensor(rows: list[list[int]], kind: str):
+    if kind != "pt":
+        raise ValueError(f"return_tensors must be 'pt' (torch) or None, got {kind!r}")
+    if len({len(r) for r in rows}) > 1:
+        raise ValueError(
+            f"cannot make one tensor of rows with lengths {sorted({len(r) for r in rows})}; pass padding=True"
+        )
+    import torch  # only here: tokenizing needs no torch
+
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), -1)  # (B, T), also for empty rows
+
+
+def _as_id_list(row: Any) -> list[int]:
+    return row.tolist() if hasattr(row, "tolist") else [int(i) for i in row]
 
 
 class JiebaBPETokenizer(Tokenizer):
@@ -370,6 +460,12 @@ def detect_kind(directory: str | os.PathLike) -> str:
     raise FileNotFoundError(f"no tokenizer in {directory}: expected tokenizer.json or vocab.txt")
 
 
+def written_by_gpt3zh_for_hf(directory: str | os.PathLike) -> bool:
+    """Whether the directory's tokenizer_config.json is an HF export's, written by gpt3zh."""
+    cfg = _read_json_if_exists(Path(directory) / CONFIG_NAME)
+    return isinstance(cfg, dict) and "type" not in cfg and isinstance(cfg.get(HF_CONFIG_KEY), dict)
+
+
 def _kind_of_file(path: Path) -> str:
     if path.suffix == ".txt":
         return "bert"
@@ -389,9 +485,14 @@ def _read_json_if_exists(path: Path) -> Any:
 
 
 def _read_own_config(directory: Path) -> dict[str, Any] | None:
-    """gpt3zh's tokenizer_config.json, or None if absent or written by someone else (no "type")."""
+    """gpt3zh's tokenizer config, or None if absent or written by someone else (no "type").
+
+    It is the whole tokenizer_config.json, or in an HF export the object under HF_CONFIG_KEY.
+    """
     path = directory / CONFIG_NAME
     cfg = _read_json_if_exists(path)
+    if written_by_gpt3zh_for_hf(directory):
+        cfg = cfg[HF_CONFIG_KEY]
     if not isinstance(cfg, dict) or "type" not in cfg:
         return None
     if cfg["type"] not in KINDS:

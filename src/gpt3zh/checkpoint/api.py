@@ -38,12 +38,22 @@ def describe(path: PathLike) -> ModelDirInfo:
     return ModelDirInfo(fmt.name, cfg, gen, {**fmt.extra(d), "tokenizer": _tokenizer_kind(d)})
 
 
+_TOKENIZER_KINDS = {
+    "jieba_bpe": "tokenizer.json (jieba + BPE)",
+    "bert": "vocab.txt (BERT WordPiece)",
+    "hf": "tokenizer.json (used as is)",
+}
+
+
 def _tokenizer_kind(d: Path) -> str:
-    if (d / "tokenizer.json").is_file():
-        return "tokenizer.json (jieba + BPE)"
-    if (d / "vocab.txt").is_file():
-        return "vocab.txt (BERT WordPiece)"
-    return "none"
+    from ..tokenizer import detect_kind
+
+    if not ((d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file()):
+        return "none"
+    try:
+        return _TOKENIZER_KINDS[detect_kind(d)]  # an HF export holds tokenizer.json for every kind
+    except ValueError as err:  # an ambiguous directory: describe still describes the model
+        return f"unknown ({err})"
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -107,7 +117,8 @@ def save_model(
 ) -> Path:
     """Write `model` as a model directory in `format`; tp > 1 only for "megatron".
 
-    tokenizer: an object with .save(dir) (its files go next to the weights). generation: the
+    tokenizer: an object with .save(dir) (its files go next to the weights); a gpt3zh Tokenizer
+    saved as "hf" is written as transformers loads it (checkpoint/hf_tokenizer.py). generation: the
     defaults written beside the config (default GenerationDefaults()). The directory is written to
     a temp dir and renamed into place, so a failure never damages an existing out_dir.
     """
@@ -122,7 +133,8 @@ def convert(
     overwrite: bool = False,
     dtype: torch.dtype | str | None = None,
 ) -> Path:
-    """Convert a model directory (or ModelScope id) to another format, carrying its tokenizer files along.
+    """Convert a model directory (or ModelScope id) to another format, carrying its tokenizer along
+    (see _carried_tokenizer).
 
     A ModelScope source's configuration.json is the base of the written one (pipeline and
     megatron blocks rewritten as ModelScope's own save_pretrained does).
@@ -131,8 +143,30 @@ def convert(
     loaded = load_pretrained(src, dtype=dtype)
     conf = src / "configuration.json"
     base = read_json(conf, "ModelScope configuration") if conf.is_file() else None
-    copies = [src / name for name in formats.TOKENIZER_FILES if (src / name).is_file()]
-    return _write(loaded.model, Path(dst), to, tp, overwrite, loaded.generation, base=base, copies=copies)
+    tokenizer, copies = _carried_tokenizer(src, to)
+    return _write(loaded.model, Path(dst), to, tp, overwrite, loaded.generation, tokenizer=tokenizer, base=base,
+                  copies=copies)
+
+
+def _carried_tokenizer(src: Path, to: str) -> tuple[Any, list[Path]]:
+    """(a tokenizer to write, files to copy byte for byte): how the source's tokenizer travels.
+
+    Files are copied as they are, except where the HF format needs its own layout: a gpt3zh or
+    ModelScope tokenizer going to "hf" is written as transformers loads it, and one that gpt3zh wrote
+    into an HF export goes back to gpt3zh's own layout when it leaves "hf". A transformers tokenizer
+    that gpt3zh did not write is copied as is (gpt3zh cannot re-express it).
+    """
+    from ..tokenizer import load_tokenizer, written_by_gpt3zh_for_hf
+
+    files = [src / name for name in formats.TOKENIZER_FILES if (src / name).is_file()]
+    if not any(p.name != "tokenizer_config.json" for p in files):
+        return None, files
+    ours_in_hf = written_by_gpt3zh_for_hf(src)
+    if formats.detect(src).name == "hf" and not ours_in_hf:
+        return None, files
+    if to == "hf" or ours_in_hf:
+        return load_tokenizer(src), []
+    return None, files
 
 
 def _write(model, out: Path, format: str, tp: int, overwrite: bool, generation: GenerationDefaults,
@@ -143,9 +177,7 @@ def _write(model, out: Path, format: str, tp: int, overwrite: bool, generation: 
         raise CheckpointError(f"tp={tp}: only the 'megatron' format is written as tensor-parallel shards")
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_output_dir(out, overwrite, formats.is_model_dir) as tmp:
-        formats.FORMATS[format].write(sd, model.config, generation, tmp, tp, base)
+        formats.FORMATS[format].write(sd, model.config, generation, tmp, tp, base, tokenizer)
         for path in copies:
             shutil.copy2(path, tmp / path.name)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
     return out

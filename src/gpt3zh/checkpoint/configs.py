@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, GenerationDefaults, GPTConfig
+from ..config import ConfigError, GenerationConfig, GenerationDefaults, GPTConfig
 from .errors import CheckpointError
 
 _MISSING = object()
@@ -219,18 +219,26 @@ def _generation_from_hf(g: dict, where: Path) -> GenerationDefaults:
     ids = eos if isinstance(eos, list) else [eos]
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise CheckpointError(f"{where}: eos_token_id={eos!r} must be a token id or a list of them")
+    # transformers decodes greedily unless do_sample is true; ModelScope's way to say greedy is top_k=1.
+    sampling = _get(g, "do_sample", False, bool, where)
     return GenerationDefaults(
         eod_id=ids[0],
         extra_stop_ids=tuple(ids[1:]),
-        top_k=_get(g, "top_k", 0, int, where),
+        top_k=_get(g, "top_k", 0, int, where) if sampling else 1,
         top_p=_get(g, "top_p", 0.9, float, where),
         temperature=_get(g, "temperature", 1.0, float, where),
         tokens_to_generate=_get(g, "max_new_tokens", 100, int, where),
     )
 
 
-def config_to_hf(cfg: GPTConfig, gen: GenerationDefaults, dtype: str) -> tuple[dict, dict]:
-    """(config.json, generation_config.json) for transformers.GPT2LMHeadModel."""
+def config_to_hf(
+    cfg: GPTConfig, gen: GenerationDefaults, dtype: str, sep_id: int | None = None, pad_id: int | None = None
+) -> tuple[dict, dict]:
+    """(config.json, generation_config.json) for transformers.GPT2LMHeadModel.
+
+    sep_id / pad_id are the tokenizer's, when one is exported: transformers then stops where gpt3zh's
+    pipeline stops (eod_id, extra_stop_ids and the tokenizer's <sep>) and pads batches with pad_id.
+    """
     config = {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -253,14 +261,23 @@ def config_to_hf(cfg: GPTConfig, gen: GenerationDefaults, dtype: str) -> tuple[d
         "eos_token_id": gen.eod_id,
         "torch_dtype": dtype,
     }
-    eos = [gen.eod_id, *gen.extra_stop_ids] if gen.extra_stop_ids else gen.eod_id
-    generation = {
-        "bos_token_id": gen.eod_id,
-        "eos_token_id": eos,
-        "do_sample": True,
-        "top_k": gen.top_k,
-        "top_p": gen.top_p,
-        "temperature": gen.temperature,
-        "max_new_tokens": gen.tokens_to_generate,
-    }
-    return config, generation
+    return config, _generation_to_hf(cfg, gen, sep_id, pad_id)
+
+
+def _generation_to_hf(
+    cfg: GPTConfig, gen: GenerationDefaults, sep_id: int | None, pad_id: int | None
+) -> dict[str, Any]:
+    """ModelScope's conventions in transformers' terms: GenerationConfig.from_defaults, the mapping
+    gpt3zh's pipeline, CLI and server use, written as generation_config.json."""
+    c = GenerationConfig.from_defaults(gen, cfg.vocab_size, sep_id)
+    # eod first, so it reads back as eod_id
+    stops = list(dict.fromkeys([gen.eod_id, *c.stop_ids]))
+    generation: dict[str, Any] = {"bos_token_id": gen.eod_id, "eos_token_id": stops[0] if len(stops) == 1 else stops}
+    if pad_id is not None and pad_id < cfg.vocab_size:
+        generation["pad_token_id"] = pad_id
+    # transformers warns about sampling settings next to do_sample=false, so a greedy model states only that.
+    generation["do_sample"] = not c.greedy
+    if generation["do_sample"]:
+        generation.update(top_k=c.top_k, top_p=c.top_p, temperature=c.temperature)
+    generation["max_new_tokens"] = c.max_new_tokens
+    return generation

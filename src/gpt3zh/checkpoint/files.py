@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import uuid
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -43,6 +44,17 @@ def read_json(path: Path, what: str = "config") -> dict[str, Any]:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def progress(items: list, desc: str):
+    """`items` with a tqdm bar on stderr, for the loops over a checkpoint's tensors.
+
+    Shown only on a terminal (tqdm's disable=None) and only after a second (delay), so converting a
+    large checkpoint shows where it is while small models, tests and pipes never print a bar.
+    """
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", file=sys.stderr, disable=None, delay=1.0, leave=False)
 
 
 # -------------------------------------------------------------------------------- pickles (torch.save)

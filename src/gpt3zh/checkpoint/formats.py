@@ -90,9 +90,10 @@ class Gpt3zhFormat:
         return tables.from_foreign(st, tables.GPT3ZH, cfg, dtype)
 
     @classmethod
-    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None) -> None:
+    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None, tokenizer=None) -> None:
         write_json(out / "config.json", {"format": "gpt3zh", "model": cfg.to_dict(), "generation": gen.to_dict()})
         save_safetensors(sd, out / cls.weights)
+        _save_tokenizer(tokenizer, out)
 
 
 # ----------------------------------------------------------------------------------- ModelScope single
@@ -125,12 +126,13 @@ class ModelScopeFormat:
         return tables.from_foreign(sd, tables.MODELSCOPE, cfg, dtype)
 
     @classmethod
-    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None) -> None:
+    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None, tokenizer=None) -> None:
         configs.check_single_process_compatible(cfg)
         dtype = _dtype_name(next(iter(sd.values())).dtype)
         write_json(out / "config.json", configs.config_to_modelscope(cfg, gen, megatron=False, dtype=dtype))
         write_json(out / "configuration.json", configs.single_configuration(base))
         save_torch(tables.to_foreign(sd, tables.MODELSCOPE, cfg), out / cls.weights)
+        _save_tokenizer(tokenizer, out)
 
 
 # --------------------------------------------------------------------------------------------- Megatron
@@ -192,7 +194,7 @@ class MegatronFormat:
         return tables.from_foreign(merge_state_dicts(shards), tables.MEGATRON, cfg, dtype)
 
     @classmethod
-    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None) -> None:
+    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None, tokenizer=None) -> None:
         _check_tp(cfg, tp, f"tp={tp}")
         dtype = _dtype_name(next(iter(sd.values())).dtype)
         write_json(out / "config.json", configs.config_to_modelscope(cfg, gen, megatron=True, dtype=dtype))
@@ -201,6 +203,12 @@ class MegatronFormat:
         megatron_sd = tables.to_foreign(sd, tables.MEGATRON, cfg)
         for rank, shard in enumerate(split_state_dict(megatron_sd, tp, n_head=cfg.n_head)):
             save_torch({"module": shard}, out / "model" / _shard_name(rank))
+        _save_tokenizer(tokenizer, out)
+
+
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    if tokenizer is not None:
+        tokenizer.save(out)  # gpt3zh's own layout: the source file byte for byte + tokenizer_config.json
 
 
 def _check_tp(cfg: GPTConfig, tp: int, what: str) -> None:
@@ -259,11 +267,16 @@ class HFFormat:
         return tables.from_foreign(renamed, tables.HF, cfg, dtype)
 
     @classmethod
-    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None) -> None:
-        config, generation = configs.config_to_hf(cfg, gen, _dtype_name(next(iter(sd.values())).dtype))
+    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None, tokenizer=None) -> None:
+        from . import hf_tokenizer  # tokenizers is imported only when a model is written as HF
+
+        dtype = _dtype_name(next(iter(sd.values())).dtype)
+        config, generation = configs.config_to_hf(cfg, gen, dtype, **hf_tokenizer.generation_ids(tokenizer))
         write_json(out / "config.json", config)
         write_json(out / "generation_config.json", generation)
         save_safetensors(tables.to_foreign(sd, tables.HF, cfg), out / cls.weights)  # tied head not stored
+        if tokenizer is not None:
+            hf_tokenizer.save(tokenizer, out, cfg.max_seq_len)
 
 
 class _Renamed(Mapping):

@@ -15,6 +15,7 @@ import torch
 
 from ..config import GPTConfig
 from .errors import CheckpointError
+from .files import progress
 from .transforms import CONV1D, IDENTITY, QKV_BLOCKED, QKV_BLOCKED_CONV1D, Transform
 
 
@@ -135,13 +136,14 @@ def foreign_shapes(table: list[Row], cfg: GPTConfig, tp: int = 1) -> dict[str, t
 
 def to_foreign(sd: dict[str, torch.Tensor], table: list[Row], cfg: GPTConfig) -> dict[str, torch.Tensor]:
     """gpt3zh-named state dict -> foreign-named state dict (every row must be present)."""
-    return {r.theirs: r.transform.forward(sd[r.ours], cfg.n_head) for r in expand(table, cfg.n_layer)}
+    rows = progress(expand(table, cfg.n_layer), "converting weights")
+    return {r.theirs: r.transform.forward(sd[r.ours], cfg.n_head) for r in rows}
 
 
 def from_foreign(sd: dict[str, torch.Tensor], table: list[Row], cfg: GPTConfig, dtype=None) -> dict:
     """Foreign-named state dict (already checked by `check_keys`) -> gpt3zh-named, optional cast."""
     out = {}
-    for r in expand(table, cfg.n_layer):
+    for r in progress(expand(table, cfg.n_layer), "reading weights"):  # lazy sources are read here
         t = r.transform.inverse(sd[r.theirs], cfg.n_head)
         out[r.ours] = t if dtype is None else t.to(dtype)
     return out

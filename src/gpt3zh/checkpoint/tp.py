@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .errors import CheckpointError
+from .files import progress
 from .tables import partition_dim
 
 
@@ -49,7 +50,7 @@ def merge_state_dicts(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.
         if set(shard) != set(names):
             diff = sorted(set(shard) ^ set(names))
             raise CheckpointError(f"shard {r} and shard 0 hold different keys: {', '.join(diff[:8])}")
-    return {name: _merge_one(name, [s[name] for s in shards]) for name in names}
+    return {name: _merge_one(name, [s[name] for s in shards]) for name in progress(names, "merging shards")}
 
 
 def _merge_one(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
