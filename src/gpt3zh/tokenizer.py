@@ -300,6 +300,9 @@ class JiebaBPETokenizer(Tokenizer):
         return self.decode(ids, skip_special_tokens=True)
 
 
+_GLUED_LEFT = frozenset(".,?!'")  # words _clean_up_tokenization joins to the word before them
+
+
 class BertTokenizer(Tokenizer):
     """`transformers.BertTokenizer` as ModelScope's single-process models use it (spec §6.1).
 
@@ -332,12 +335,21 @@ class BertTokenizer(Tokenizer):
         return remove_space_between_chinese_chars(_clean_up_tokenization(text))
 
     def unstable_tail(self, ids: Sequence[int]) -> int:
-        # BERT decoding is not prefix-stable: "##" pieces grow the last word (and can change whether
-        # it counts as Chinese, i.e. the space before it), and transformers' clean-up rewrites the
-        # space around punctuation when the next word arrives. Words before the last two are final.
+        # BERT decoding is not prefix-stable: "##" pieces grow the last word, and transformers'
+        # clean-up glues " ." " ," " ?" " !" to the word before and " ' " to both neighbours, so
+        # "前 ' 年ing" (or "前 , .ly") becomes one non-Chinese word and the space before "前" (kept
+        # between non-Chinese words, removed between Chinese ones) appears only then. Words before
+        # the last two are final unless such glue links them to a later word: then the whole linked
+        # group stays held.
         starts = [i for i, t in enumerate(ids)
                   if t not in self.special_ids and not (self.id_to_token(t) or "").startswith("##")]
-        return len(ids) - starts[-2] if len(starts) >= 2 else len(ids)
+        if len(starts) < 2:
+            return len(ids)
+        words = [self.id_to_token(ids[i]) for i in starts]
+        h = len(starts) - 2
+        while h > 0 and (words[h] in _GLUED_LEFT or words[h - 1] == "'"):
+            h -= 1
+        return len(ids) - starts[h]
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "do_lower_case": self.do_lower_case}
