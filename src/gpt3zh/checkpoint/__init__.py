@@ -3,10 +3,11 @@
 Formats (detected automatically): gpt3zh's own (config.json + model.safetensors), ModelScope
 single-process (pytorch_model.bin), ModelScope Megatron (model/mp_rank_XX_model_states.pt, any
 number of tensor-parallel shards) and Hugging Face GPT-2. Conversion is a name table per foreign
-format (tables.py) plus named transforms (transforms.py) and TP split/merge (tp.py).
+format (tables.py) plus named transforms (transforms.py) and TP split/merge (tp.py). A training
+checkpoint (work_dir/checkpoints/step-N) is read like a model directory.
 """
 
-from .api import ModelDirInfo, convert, describe, load_model, save_model
+from .api import ModelDirInfo, WeightsReport, convert, describe, inspect_weights, load_model, save_model
 from .errors import CheckpointError
 from .formats import FORMATS
 from .tp import merge_state_dicts, reshard, split_state_dict
@@ -15,8 +16,10 @@ __all__ = [
     "FORMATS",
     "CheckpointError",
     "ModelDirInfo",
+    "WeightsReport",
     "convert",
     "describe",
+    "inspect_weights",
     "load_model",
     "merge_state_dicts",
     "reshard",

@@ -1,7 +1,8 @@
-"""load_model / save_model / convert / describe: the public entry points of gpt3zh.checkpoint."""
+"""load_model / save_model / convert / describe / inspect_weights: the public entry points of gpt3zh.checkpoint."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ import torch
 
 from ..config import GenerationDefaults, GPTConfig
 from ..model import GPT
-from . import formats
+from . import formats, tables
 from .errors import CheckpointError
 from .files import atomic_output_dir, read_json
 
@@ -37,11 +38,79 @@ def describe(path: PathLike) -> ModelDirInfo:
 
 
 def _tokenizer_kind(d: Path) -> str:
-    if (d / "tokenizer.json").is_file():
+    """What `load_tokenizer(d)` would load, in words (the same detection, not a guess from names)."""
+    from ..tokenizer import detect_kind
+
+    if not ((d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file()):
+        return "none"
+    try:
+        kind = detect_kind(d)
+    except ValueError as err:  # TokenizerError: files that do not say which kind they are
+        return f"unknown ({str(err).splitlines()[0]})"
+    if kind == "jieba_bpe":
         return "tokenizer.json (jieba + BPE)"
-    if (d / "vocab.txt").is_file():
+    if kind == "bert":
         return "vocab.txt (BERT WordPiece)"
-    return "none"
+    return f"tokenizer.json ({_plain_tokenizer_model(d / 'tokenizer.json')}, no jieba)"
+
+
+def _plain_tokenizer_model(path: Path) -> str:
+    try:
+        model = read_json(path, "tokenizer").get("model") or {}
+    except CheckpointError:
+        return "unreadable"
+    kind = model.get("type", "unknown model")
+    vocab = model.get("vocab")
+    if kind == "WordLevel" and isinstance(vocab, dict):
+        tokens = [t for t in vocab if not (t.startswith("<") and t.endswith(">"))]
+        if tokens and all(len(t) == 1 for t in tokens):  # train_char_tokenizer's: one id per character
+            return "character-level WordLevel"
+    return kind
+
+
+@dataclass(frozen=True)
+class WeightsReport:
+    """What the weight files of a model directory hold, compared with its config (headers only)."""
+
+    files: list[str]
+    tensors: int
+    params: int  # of the tensors found (a TP-split tensor counted once)
+    dtype: str
+    problems: list[str]  # one line each; empty when every name and shape matches the config
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def inspect_weights(path: PathLike) -> WeightsReport:
+    """Names and shapes of the real tensors (safetensors headers, memory-mapped torch files; no
+    tensor data is read), checked against the directory's config."""
+    d = Path(path)
+    fmt = formats.detect(d)
+    cfg, _ = fmt.read_config(d)
+    files = fmt.weight_shapes(d)
+    expected = fmt.expected_shapes(d, cfg)
+    problems = []
+    for file, found in files:
+        problems += [f"{file.name}: {line}" for line in tables.compare_keys(found, expected)]
+    params = _count_found(files, fmt.name == "megatron")
+    return WeightsReport([str(f) for f, _ in files], sum(len(f) for _, f in files), params,
+                         fmt.extra(d).get("dtype", "unknown"), problems)
+
+
+def _count_found(files: list[tuple[Path, dict]], tp_split: bool) -> int:
+    """Parameters in the files; with TP shards a replicated tensor is counted once (from rank 0)."""
+    total = 0
+    for rank, (_, found) in enumerate(files):
+        for name, shape in found.items():
+            try:
+                split = tp_split and tables.partition_dim(name) is not None
+            except CheckpointError:  # a name no table knows (reported as unexpected)
+                split = False
+            if rank == 0 or split:
+                total += math.prod(shape)
+    return total
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -77,13 +146,16 @@ def save_model(
     tp: int = 1,
     tokenizer: Any = None,
     overwrite: bool = False,
+    generation: GenerationDefaults | None = None,
 ) -> Path:
     """Write `model` as a model directory in `format`; tp > 1 only for "megatron".
 
-    tokenizer: an object with .save(dir) (its files go next to the weights). The directory is
-    written to a temp dir and renamed into place, so a failure never damages an existing out_dir.
+    tokenizer: an object with .save(dir) (its files go next to the weights). generation: the
+    defaults written beside the weights (None: the model's own, as load_model set them). The
+    directory is written to a temp dir and renamed into place, so a failure never damages an
+    existing out_dir.
     """
-    return _write(model, Path(out_dir), format, tp, overwrite, tokenizer=tokenizer)
+    return _write(model, Path(out_dir), format, tp, overwrite, generation, tokenizer=tokenizer)
 
 
 def convert(
@@ -100,21 +172,30 @@ def convert(
     megatron blocks rewritten as ModelScope's own save_pretrained does).
     """
     src = Path(src)
+    _check_target(to, tp)  # before the (possibly large) load
     model = load_model(src, dtype=dtype)
+    _, generation = formats.detect(src).read_config(src)
     conf = src / "configuration.json"
     base = read_json(conf, "ModelScope configuration") if conf.is_file() else None
     copies = [src / name for name in formats.TOKENIZER_FILES if (src / name).is_file()]
-    return _write(model, Path(dst), to, tp, overwrite, base=base, copies=copies)
+    return _write(model, Path(dst), to, tp, overwrite, generation, base=base, copies=copies)
 
 
-def _write(model, out: Path, format: str, tp: int, overwrite: bool, tokenizer=None, base=None, copies=()) -> Path:
+def _check_target(format: str, tp: int) -> None:
     if format not in formats.FORMATS:
         raise CheckpointError(f"unknown format {format!r} (expected one of: {', '.join(formats.FORMATS)})")
     if tp != 1 and format != "megatron":
         raise CheckpointError(f"tp={tp}: only the 'megatron' format is written as tensor-parallel shards")
+
+
+def _write(model, out: Path, format: str, tp: int, overwrite: bool, generation=None, tokenizer=None, base=None,
+           copies=()) -> Path:
+    _check_target(format, tp)
+    if generation is None:
+        generation = getattr(model, "generation_defaults", None) or GenerationDefaults()
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_output_dir(out, overwrite, formats.is_model_dir) as tmp:
-        formats.FORMATS[format].write(sd, model.config, model.generation_defaults, tmp, tp, base)
+        formats.FORMATS[format].write(sd, model.config, generation, tmp, tp, base)
         for path in copies:
             shutil.copy2(path, tmp / path.name)
         if tokenizer is not None:

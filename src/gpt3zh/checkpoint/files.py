@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..failpoints import failpoint
+from ..fileio import writing
 from .errors import CheckpointError
 
 
@@ -51,13 +53,13 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 _SAFE_EXTRA_GLOBALS = [argparse.Namespace]
 
 
-def load_torch(path: Path, what: str) -> Any:
+def load_torch(path: Path, what: str, mmap: bool = True) -> Any:
     """torch.load with weights_only=True (a pickle carrying code is refused, never run).
 
-    Zip-format files are memory-mapped, so tensors are read from disk only when used.
+    Zip-format files are memory-mapped (unless mmap=False), so tensors are read only when used.
     """
     require_file(path, what)
-    mmap = zipfile.is_zipfile(path)
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         with torch.serialization.safe_globals(_SAFE_EXTRA_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -78,9 +80,42 @@ def _pickle_error(path: Path, err: Exception) -> CheckpointError:
     return CheckpointError(f"{path}: cannot read: truncated or not a PyTorch checkpoint ({first})")
 
 
-def save_torch(obj: dict[str, Any], path: Path) -> None:
-    """torch.save, cloning views first: a view would otherwise drag its whole base storage along."""
-    torch.save(_own_storage(obj), path)
+def save_torch(obj: dict[str, Any], path: Path, clone_views: bool = True) -> None:
+    """torch.save, cloning views first: a view would otherwise drag its whole base storage along.
+
+    A full disk raises a WriteError naming `path`: torch's own writer reports it only as
+    "inline_container.cc ... unexpected pos", so the bytes go through a file object that keeps the
+    OSError its write raised.
+    """
+    with writing(path), open(path, "wb", buffering=0) as f:
+        out = _KeepError(f)
+        try:
+            torch.save(_own_storage(obj) if clone_views else obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+
+
+class _KeepError:
+    """A write-only file object for torch.save: writes every byte or keeps the OSError that stopped it."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):  # a raw write may be short (the byte that no longer fits)
+                done += self.f.write(view[done:])
+        except OSError as err:
+            self.error = err
+            raise
+        return done
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _own_storage(obj: Any) -> Any:
@@ -133,8 +168,15 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
     # metadata format=pt: transformers refuses safetensors files without it
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
-    _default_permissions(path)  # safetensors writes 0600; a model directory is ordinary readable data
+    with writing(path):
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+        except Exception as err:  # the Rust writer's SafetensorError carries the OS error only as text
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+        _default_permissions(path)  # safetensors writes 0600; a model directory is ordinary readable data
 
 
 def _default_permissions(path: Path) -> None:
@@ -159,12 +201,15 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool, is_model_dir:
             f"{out}: refusing to overwrite a non-empty directory that is not a model directory "
             f"(pass overwrite=True, or --force on the command line)"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    with writing(tmp):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
     try:
-        yield tmp
-        _replace_dir(tmp, out)
+        with writing(out, name_this=True):
+            yield tmp
+            failpoint("output.write")
+            _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -176,9 +221,27 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         return
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     out.rename(old)
+    failpoint("output.replace")
     try:
         tmp.rename(out)
     except BaseException:
         old.rename(out)  # put the previous output back
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_output_dir(out: Path) -> list[Path]:
+    """Undo what a killed `atomic_output_dir(out)` left: a half-written `.out.tmp-*` is deleted; a
+    `.out.old-*` (the previous output, moved aside just before the kill) is put back if `out` is
+    missing, else deleted. Only for a directory no other process is writing. Returns what it removed."""
+    removed = []
+    for old in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not out.exists():
+            old.rename(out)
+        else:
+            shutil.rmtree(old)
+            removed.append(old)
+    for tmp in sorted(out.parent.glob(f".{out.name}.tmp-*")):
+        shutil.rmtree(tmp)
+        removed.append(tmp)
+    return removed
