@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -196,6 +197,9 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool, is_model_dir:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
+    blocker = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+    if blocker is not None:  # mkdir would say "File exists" about a path the user never named
+        raise CheckpointError(f"{out}: cannot be created: {blocker} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite and not is_model_dir(out):
         raise CheckpointError(
             f"{out}: refusing to overwrite a non-empty directory that is not a model directory "
@@ -245,3 +249,93 @@ def recover_output_dir(out: Path) -> list[Path]:
         shutil.rmtree(tmp)
         removed.append(tmp)
     return removed
+
+
+# ------------------------------------------------------------------- torch.distributed.checkpoint dirs
+# DCP keeps its index (.metadata) as a plain pickle, and DCP itself loads it with pickle.load; here
+# it is read by an unpickler that can build only DCP's own metadata records and the torch values
+# they hold, so a planted payload is refused, never run. The tensors are read by DCP through
+# torch.load(weights_only=True); non-tensor entries (which DCP would torch.load with
+# weights_only=False) are never requested.
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": None,  # any record class of that module
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _DCPMetadataUnpickler:
+    @staticmethod
+    def load(f, path: Path):
+        import pickle
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module: str, name: str):
+                allowed = _DCP_GLOBALS.get(module, set())
+                value = super().find_class(module, name) if module in _DCP_GLOBALS and (
+                    allowed is None or name in allowed) else None
+                if value is None and module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                    value = getattr(torch, name)
+                if value is None or (module.endswith(".metadata") and not isinstance(value, type)):
+                    raise CheckpointError(
+                        f"{path}: refused to load: the DCP metadata references {module}.{name}, which is not one "
+                        f"of DCP's own records (files that carry code are never executed)"
+                    )
+                return value
+
+        try:
+            return Restricted(f).load()
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f"{path}: cannot read DCP metadata: truncated or not a DCP checkpoint ({err})") from None
+
+
+def _dcp_reader(d: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            meta_path = Path(self.path) / ".metadata"
+            require_file(meta_path, "DCP metadata")
+            with open(meta_path, "rb") as f:
+                metadata = _DCPMetadataUnpickler.load(f, meta_path)
+            if getattr(metadata, "storage_meta", None) is not None:
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(d))
+
+
+def dcp_tensor_entries(d: Path, prefix: str) -> dict[str, Any]:
+    """{name: TensorStorageMetadata} of the entries under `prefix.` in the DCP dir d (metadata only)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = _dcp_reader(d).read_metadata()
+    entries = {k[len(prefix) + 1 :]: v for k, v in metadata.state_dict_metadata.items() if k.startswith(prefix + ".")}
+    bad = [k for k, v in entries.items() if not isinstance(v, TensorStorageMetadata)]
+    if bad or not entries:
+        raise CheckpointError(f"{d}: expected tensors under {prefix!r} in the DCP metadata, "
+                              f"{'found non-tensor entries: ' + ', '.join(bad[:4]) if bad else 'found none'}")
+    return entries
+
+
+def load_dcp_tensors(d: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) tensors under `prefix.` of a DCP dir, in this one process."""
+    import torch.distributed.checkpoint as dcp
+
+    entries = dcp_tensor_entries(d, prefix)
+    out = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in entries.items()}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.load({prefix: out}, storage_reader=_dcp_reader(d), no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as err:  # a missing or cut .distcp file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{d}: cannot read the DCP tensors ({first[:200]})") from None
+    return out

@@ -22,7 +22,17 @@ import torch
 from ..config import ConfigError, GenerationDefaults, GPTConfig
 from . import configs, tables
 from .errors import CheckpointError
-from .files import SafetensorsFile, load_torch, read_json, require_file, save_safetensors, save_torch, write_json
+from .files import (
+    SafetensorsFile,
+    dcp_tensor_entries,
+    load_dcp_tensors,
+    load_torch,
+    read_json,
+    require_file,
+    save_safetensors,
+    save_torch,
+    write_json,
+)
 from .tp import merge_state_dicts, split_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
@@ -114,8 +124,8 @@ class TrainCheckpointFormat:
 
     Read-only: load_model / eval / info / convert (and `gpt3zh export`) take one as they take a
     model directory. Checkpoints written before config.json was added are read through meta.json.
-    A parallel run's checkpoint keeps its weights in dcp/, which is not read here: its metadata is a
-    plain pickle, and untrusted files are never unpickled.
+    A parallel run's checkpoint keeps its weights in dcp/ (torch.distributed.checkpoint), read here
+    in one process through a restricted reader (files.load_dcp_tensors).
     """
 
     name = "train-checkpoint"
@@ -139,18 +149,17 @@ class TrainCheckpointFormat:
     @classmethod
     def extra(cls, d: Path) -> dict[str, Any]:
         meta = read_json(d / "meta.json", "training checkpoint metadata") if (d / "meta.json").is_file() else {}
-        sd = cls.model_state(d)
-        t = next(iter(sd.values()), None)
+        if (d / "dcp").is_dir():
+            first = next(iter(dcp_tensor_entries(d / "dcp", "model").values()))
+            return {"step": meta.get("step"), "dtype": _dtype_name(first.properties.dtype), "parallel": meta.get("parallel")}
+        t = next(iter(cls.model_state(d).values()), None)
         return {"step": meta.get("step"), "dtype": _dtype_name(t.dtype) if t is not None else "unknown"}
 
     @classmethod
     def model_state(cls, d: Path) -> dict[str, torch.Tensor]:
         path = d / cls.state
         if (d / "dcp").is_dir():
-            raise CheckpointError(
-                f"{d}: a parallel run's checkpoint (weights in dcp/, whose metadata is a pickle that is never "
-                f"loaded from an untrusted file); use the run's export (work_dir/output), or resume the run"
-            )
+            return load_dcp_tensors(d / "dcp", "model")
         state = load_torch(path, "training checkpoint")  # memory-mapped: the optimizer state is never read
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             raise CheckpointError(f"{path}: expected a training state with a 'model' state dict")
@@ -158,6 +167,8 @@ class TrainCheckpointFormat:
 
     @classmethod
     def weight_shapes(cls, d: Path) -> list[tuple[Path, dict[str, tuple]]]:
+        if (d / "dcp").is_dir():  # the metadata alone
+            return [(d / "dcp", {k: tuple(v.size) for k, v in dcp_tensor_entries(d / "dcp", "model").items()})]
         return [(d / cls.state, _shapes(cls.model_state(d)))]
 
     @classmethod
@@ -166,9 +177,10 @@ class TrainCheckpointFormat:
 
     @classmethod
     def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
-        sd = cls.model_state(d)
         why = _why(cfg, d / ("meta.json" if cls.is_legacy(d) else "config.json"))
-        tables.check_keys(_shapes(sd), cls.expected_shapes(d, cfg), str(d / cls.state), why)
+        [(where, shapes)] = cls.weight_shapes(d)
+        tables.check_keys(shapes, cls.expected_shapes(d, cfg), str(where), why)  # before any tensor is read
+        sd = cls.model_state(d)
         return tables.from_foreign(sd, tables.GPT3ZH, cfg, dtype)
 
     @classmethod
