@@ -40,7 +40,7 @@ from ...checkpoint.errors import CheckpointError
 from ...checkpoint.files import load_torch, recover_output_dir, save_torch
 from ...config import ConfigError, GenerationDefaults, GPTConfig
 from ...failpoints import failpoint
-from ...fileio import WriteError, describe_os_error, writing
+from ...fileio import describe_os_error, writing
 from ...model import GPT
 from ..config import EXPORT_FORMATS, TrainConfig
 from ..data import (
