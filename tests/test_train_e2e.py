@@ -286,9 +286,12 @@ def test_a_step_checkpoint_is_a_model_directory(char_setup, tmp_path, capsys):
 
 def test_eval_of_empty_rows_is_clean(char_setup, tmp_path, capsys):
     root = char_setup
-    train(char_config(root, max_steps=1))
-    out = str(root / "run" / "output")
     (tmp_path / "empty_first.jsonl").write_text('{"src_txt": ""}\n{"src_txt": ""}\n{"src_txt": "床前明月光"}\n')
+    cfg = char_config(root, max_steps=1)
+    cfg["dataset"]["eval"] = str(tmp_path / "empty_first.jsonl")
+    cfg["evaluation"] = {"ppl_modelscope": False, "dataloader": {"batch_size_per_gpu": 2}}
+    assert train(cfg).eval["tokens"] == 5  # the trainer's eval: its first batch holds only empty rows
+    out = str(root / "run" / "output")
     for extra in ([], ["--no-ppl-modelscope"]):  # batch 1 holds only empty rows: once a crash
         assert main(["eval", "--model", out, "--data", str(tmp_path / "empty_first.jsonl"), "--batch-size", "2",
                      "--json", *extra]) == 0

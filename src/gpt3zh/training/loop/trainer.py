@@ -728,9 +728,12 @@ def _output_name(fmt: str) -> str:
     return "output" if fmt == "gpt3zh" else f"output_{fmt}"
 
 
-def _run_files(work_dir: Path) -> list[Path]:
-    """What a run leaves in work_dir (the token cache aside, which is keyed by content)."""
+def _run_files(work_dir: Path, all_names: bool = False) -> list[Path]:
+    """What a run leaves in work_dir (the token cache aside, which is keyed by content); with
+    all_names, every such path whether it exists or not."""
     names = [CKPT_DIR, LOG_FILE, "tb", "loss_curve.png", *(_output_name(f) for f in EXPORT_FORMATS)]
+    if all_names:
+        return [work_dir / n for n in names]
     found = [work_dir / n for n in names if (work_dir / n).exists()]
     ckpt = work_dir / CKPT_DIR
     if ckpt in found and not any(_step_of(p) is not None for p in ckpt.iterdir()):
@@ -740,18 +743,16 @@ def _run_files(work_dir: Path) -> list[Path]:
 
 def _clean_stale(work_dir: Path) -> list[Path]:
     """Remove what a killed run left half-written; return what was removed (main rank only: the
-    work_dir belongs to this run)."""
-    removed = []
+    work_dir belongs to this run). Only names this trainer writes are touched."""
     ckpt = work_dir / CKPT_DIR
-    if ckpt.is_dir():
-        for p in sorted(ckpt.iterdir()):
-            stale = p.name.startswith((".tmp-", ".trash-")) or (_step_of(p) is not None and not (p / STATE_FILE).is_file())
-            if stale:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-                removed.append(p)
-    for p in [*work_dir.glob(".tmp-*"), *(work_dir / "cache").glob(".tmp-*")]:
-        p.unlink() if p.is_file() else shutil.rmtree(p)
-        removed.append(p)
+    stale = [p for p in (ckpt.iterdir() if ckpt.is_dir() else ())
+             if p.name.startswith((".tmp-", ".trash-")) or (_step_of(p) is not None and not (p / STATE_FILE).is_file())]
+    for name in (p.name for p in _run_files(work_dir, all_names=True)):
+        stale += [work_dir / f"{prefix}{name}" for prefix in (".tmp-", ".trash-") if (work_dir / f"{prefix}{name}").exists()]
+    stale += list((work_dir / "cache").glob(".tmp-*.npz"))
+    for p in sorted(stale):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    removed = sorted(stale)
     for fmt in EXPORT_FORMATS:
         removed += recover_output_dir(work_dir / _output_name(fmt))
     return removed
