@@ -1,6 +1,7 @@
 """Bad input: each case is a clear CheckpointError naming the file or key and what was expected."""
 
 import json
+import pickle
 import re
 import shutil
 
@@ -164,6 +165,36 @@ def test_pickle_with_code_payload_is_refused_and_never_run(model, tmp_path, fmt,
         describe(d)
     assert not marker.exists()
     torch.load(d / file, weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.read_text() == "pwned"
+
+
+def _dcp_checkpoint(model, d):
+    """A parallel run's checkpoint as DistributedTrainer.checkpoint lays it out (one process here)."""
+    import torch.distributed.checkpoint as dcp
+
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.zeros(1, 3, dtype=torch.long)).sum().backward()
+    opt.step()
+    d.mkdir()
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, checkpoint_id=str(d / "dcp"))
+    torch.save({"step": 2}, d / "state.pt")
+    (d / "meta.json").write_text(json.dumps({"step": 2, "parallel": {"dp": 1, "tp": 1}}))
+    config = {"format": "gpt3zh-train", "model": model.config.to_dict(), "generation": {"eod_id": 7}}
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def test_a_parallel_runs_checkpoint_loads_without_unpickling_its_metadata(model, tmp_path):
+    d = _dcp_checkpoint(model, tmp_path / "step-00000002")
+    loaded = load_model(d)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert describe(d).extra["parallel"] == {"dp": 1, "tp": 1} and describe(d).generation.eod_id == 7
+    marker = tmp_path / "pwned"
+    (d / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    expect_error(d, r"dcp/.metadata: refused to load: the DCP metadata references builtins.exec")
+    assert not marker.exists()
+    pickle.loads((d / "dcp" / ".metadata").read_bytes())  # the payload is real: DCP's own pickle.load runs it
     assert marker.read_text() == "pwned"
 
 

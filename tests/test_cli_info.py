@@ -64,3 +64,66 @@ def test_info_errors(tmp_path, capsys):
     assert main(["info"]) == 2
     assert main(["info", str(tmp_path / "nope")]) == 2
     assert "no such model directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ the real tensors, not the config
+def _drop_layer(path, fmt):
+    """Remove every tensor of the last layer from a saved model directory's weight file(s)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if fmt in ("gpt3zh", "hf"):
+        sd = load_file(path / "model.safetensors")
+        save_file({k: v for k, v in sd.items() if ".1." not in k}, path / "model.safetensors", metadata={"format": "pt"})
+    elif fmt == "modelscope":
+        sd = torch.load(path / "pytorch_model.bin", weights_only=True)
+        torch.save({k: v for k, v in sd.items() if ".layers.1." not in k}, path / "pytorch_model.bin")
+    else:
+        for shard in (path / "model").iterdir():
+            obj = torch.load(shard, weights_only=True)
+            torch.save({"module": {k: v for k, v in obj["module"].items() if ".layers.1." not in k}}, shard)
+
+
+@pytest.mark.parametrize("fmt,tp", [("gpt3zh", 1), ("modelscope", 1), ("megatron", 2), ("hf", 1)])
+def test_info_counts_the_real_tensors_and_fails_on_a_mismatch(tiny_config, tmp_path, capsys, fmt, tp):
+    from gpt3zh.checkpoint import save_model
+    from gpt3zh.model import GPT
+
+    model = GPT(tiny_config)
+    d = save_model(model, tmp_path / fmt, format=fmt, tp=tp)
+    per_layer = sum(p.numel() for p in model.blocks[1].parameters())
+    _drop_layer(d, fmt)
+    assert main(["info", str(d)]) == 2
+    out, err = capsys.readouterr()
+    assert f"params      {tiny_config.num_params - per_layer:,} in {16 * tp} tensors" in out  # 2 layers claimed, 1 there
+    assert "MISMATCH" in out and "missing keys (12)" in out
+    assert err.count("\n") == 1 and err.startswith(f"gpt3zh info: error: {d}: the weights do not match its config")
+    assert main(["info", str(d), "--json"]) == 2
+    info = json.loads(capsys.readouterr().out)
+    assert info["params"] == tiny_config.num_params - per_layer
+    assert info["weights"]["config_params"] == tiny_config.num_params and not info["weights"]["matches_config"]
+
+
+def test_info_names_the_tokenizer_kind(tiny_config, tmp_path, capsys):
+    import shutil
+
+    from conftest import require_shared
+    from gpt3zh.checkpoint import save_model
+    from gpt3zh.model import GPT
+    from gpt3zh.tokenizer import load_tokenizer, train_char_tokenizer
+
+    model = GPT(tiny_config)
+    char = save_model(model, tmp_path / "char", tokenizer=train_char_tokenizer(["床前明月光"]))
+    assert main(["info", str(char), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer"] == "tokenizer.json (character-level WordLevel, no jieba)"
+    shared = require_shared()
+    jieba = save_model(model, tmp_path / "jieba")
+    for name in ("tokenizer.json", "configuration.json"):  # ModelScope's 1.3B files: jieba + BPE
+        shutil.copy(shared / "modelscope-gpt3-1.3B" / name, jieba / name)
+    assert type(load_tokenizer(jieba)).__name__ == "JiebaBPETokenizer"
+    assert main(["info", str(jieba), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer"] == "tokenizer.json (jieba + BPE)"
+    bert = save_model(model, tmp_path / "bert")
+    shutil.copy(shared / "tokenizers" / "bert-base-chinese" / "vocab.txt", bert / "vocab.txt")
+    assert main(["info", str(bert), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokenizer"] == "vocab.txt (BERT WordPiece)"

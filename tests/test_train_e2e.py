@@ -10,9 +10,10 @@ import torch
 
 from conftest import ROOT, require_shared
 from gpt3zh.cli import main
+from gpt3zh.config import ConfigError
 from gpt3zh.tokenizer import train_char_tokenizer
 from gpt3zh.training import train
-from gpt3zh.training.loop.trainer import read_log
+from gpt3zh.training.loop.trainer import TrainingError, read_log
 
 POEMS = [
     "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
@@ -169,3 +170,150 @@ def test_eval_cli_scores_generation_on_prompt_data(char_setup, tmp_path, capsys)
     assert main(["eval", "--model", str(root / "run" / "output"), "--data", str(root / "eval.jsonl"),
                  "--metric", "rouge"]) == 2
     assert "needs prompt->target data" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- reliability
+def _files(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_a_second_run_in_a_used_work_dir_is_refused_unless_overwrite(char_setup, capsys):
+    root = char_setup
+    first = train(char_config(root, max_steps=4, save_interval=2))
+    before = _files(root / "run" / "checkpoints") | {"output": _files(root / "run" / "output")}
+    with pytest.raises(ConfigError, match=r"train.work_dir .*run already holds a run \(checkpoints, train_log.jsonl"):
+        train(char_config(root, max_steps=2, save_interval=1, seed=9))
+    assert _files(root / "run" / "checkpoints") | {"output": _files(root / "run" / "output")} == before
+    second = train(char_config(root, max_steps=2, save_interval=1, seed=9, overwrite=True))
+    assert "removed the previous run" in capsys.readouterr().err
+    names = sorted(p.name for p in (root / "run" / "checkpoints").iterdir())
+    assert names == ["best.json", "step-00000001", "step-00000002"]  # nothing of the first run's
+    assert json.loads((root / "run" / "checkpoints" / "best.json").read_text())["step"] <= 2
+    assert [s for s, *_ in _losses(root / "run")] == [1, 2] and second.train_loss != first.train_loss
+    with pytest.raises(TrainingError, match="step-00000002 is at step 2, past this run's last step 1"):
+        train(char_config(root, max_steps=1, resume=True))
+    assert second.step == 2
+
+
+def test_resume_falls_back_past_an_unreadable_checkpoint_and_checks_the_architecture(char_setup, capsys):
+    root = char_setup
+    train(char_config(root, max_steps=4, save_interval=2, keep_last=3))
+    ckpt = root / "run" / "checkpoints"
+    good = torch.load(ckpt / "step-00000004" / "state.pt", weights_only=True)["model"]
+    (ckpt / "step-00000004" / "state.pt").write_bytes((ckpt / "step-00000004" / "state.pt").read_bytes()[:50_000])
+    with pytest.raises(TrainingError, match=r"step-00000002/state.pt was saved for another model architecture "
+                                            r"\(missing keys \(12\): blocks.2"):
+        train(char_config(root, max_steps=4, save_interval=2, keep_last=3, resume=True) |
+              {"model": {**char_config(root)["model"], "n_layer": 3}})
+    with pytest.raises(TrainingError, match=r"step-00000002 is at step 2, past this run's last step 1"):
+        train(char_config(root, max_steps=1, resume=True))
+    capsys.readouterr()
+    result = train(char_config(root, max_steps=4, save_interval=2, keep_last=3, resume=True))
+    err = capsys.readouterr().err
+    assert "step-00000004/state.pt cannot be read; falling back" in err and "resuming from" in err
+    assert result.step == 4
+    again = torch.load(ckpt / "step-00000004" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(again[k], v) for k, v in good.items())  # the same run, redone exactly
+    for p in ckpt.glob("step-*/state.pt"):
+        p.write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match=r"no checkpoint under .*checkpoints can be read \(step-00000004: "):
+        train(char_config(root, max_steps=4, resume=True))
+
+
+def test_resume_true_with_no_checkpoint_yet_starts_at_step_0(char_setup, capsys):
+    root = char_setup
+    result = train(char_config(root, max_steps=2, resume=True))
+    assert result.step == 2 and "no checkpoint in" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_before_the_bad_update_and_exports_nothing(char_setup):
+    root = char_setup
+    with pytest.raises(TrainingError, match=r"the loss is nan at step 2 .*the last checkpoint is .*step-00000001"):
+        train(char_config(root, max_steps=4, save_interval=1, optimizer={"lr": 1e30}))  # finite, absurd
+    assert not (root / "run" / "output").exists()
+    assert sorted(p.name for p in (root / "run" / "checkpoints").glob("step-*")) == ["step-00000001"]
+
+
+def test_a_short_run_still_evaluates_at_its_last_step(char_setup):
+    root = char_setup
+    result = train(char_config(root, max_steps=2, eval_interval=50, save_interval=50))
+    evals = [r["step"] for r in read_log(root / "run" / "train_log.jsonl") if "eval" in r]
+    assert evals == [2] and "ppl" in result.eval
+
+
+def test_mixed_rows_train_per_row(char_setup, capsys):
+    root = char_setup
+    rows = [{"src_txt": p[:5]} if i % 2 else {"src_txt": p[:5], "tgt_txt": p[5:12]} for i, p in enumerate(POEMS * 4)]
+    (root / "mixed.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    cfg = char_config(root, max_steps=1)
+    cfg["dataset"] = {"train": str(root / "mixed.jsonl")}
+    train(cfg)
+    assert "10 of 20 rows have tgt_txt" in capsys.readouterr().err
+    info = next(r["info"] for r in read_log(root / "run" / "train_log.jsonl") if "info" in r)
+    assert info["mode"] == "mixed" and info["rows_with_target"] == 10
+    assert info["trained_tokens"] == 10 * 8 + 10 * 5  # 7 target chars + <sep>; 5 src chars + <sep> less the first
+
+
+def test_a_step_checkpoint_is_a_model_directory(char_setup, tmp_path, capsys):
+    from gpt3zh.checkpoint import describe, load_model
+    from gpt3zh.tokenizer import load_tokenizer
+
+    root = char_setup
+    train(char_config(root, max_steps=2, save_interval=1, keep_last=2))
+    step1 = root / "run" / "checkpoints" / "step-00000001"
+    state = torch.load(step1 / "state.pt", weights_only=True)["model"]
+    model = load_model(step1)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert describe(step1).format == "train-checkpoint" and describe(step1).extra["step"] == 1
+    assert describe(step1).generation.eod_id == load_tokenizer(step1).sep_id
+    assert main(["export", str(step1), str(tmp_path / "exp")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    exported = load_model(tmp_path / "exp")
+    assert describe(tmp_path / "exp").format == "gpt3zh" and load_tokenizer(tmp_path / "exp").vocab_size > 0
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in state.items())
+    assert main(["convert", str(step1), str(tmp_path / "ms"), "--to", "modelscope"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(step1), "--data", str(root / "eval.jsonl"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+    # a checkpoint written before config.json existed: read through meta.json
+    legacy = tmp_path / "legacy"
+    shutil.copytree(step1, legacy)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (legacy / name).unlink()
+    assert describe(legacy).config == model.config
+    assert all(torch.equal(load_model(legacy).state_dict()[k], v) for k, v in state.items())
+
+
+def test_eval_of_empty_rows_is_clean(char_setup, tmp_path, capsys):
+    root = char_setup
+    (tmp_path / "empty_first.jsonl").write_text('{"src_txt": ""}\n{"src_txt": ""}\n{"src_txt": "床前明月光"}\n')
+    cfg = char_config(root, max_steps=1)
+    cfg["dataset"]["eval"] = str(tmp_path / "empty_first.jsonl")
+    cfg["evaluation"] = {"ppl_modelscope": False, "dataloader": {"batch_size_per_gpu": 2}}
+    assert train(cfg).eval["tokens"] == 5  # the trainer's eval: its first batch holds only empty rows
+    out = str(root / "run" / "output")
+    for extra in ([], ["--no-ppl-modelscope"]):  # batch 1 holds only empty rows: once a crash
+        assert main(["eval", "--model", out, "--data", str(tmp_path / "empty_first.jsonl"), "--batch-size", "2",
+                     "--json", *extra]) == 0
+        result = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+        assert result["tokens"] == 5  # 4 characters after the first, and <sep>
+    (tmp_path / "empty.jsonl").write_text('{"src_txt": ""}\n{"src_txt": ""}\n')
+    assert main(["eval", "--model", out, "--data", str(tmp_path / "empty.jsonl"), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "empty.jsonl: no token to score" in captured.err
+
+
+def test_progress_bars_only_on_a_terminal_or_when_asked(char_setup, capsys):
+    root = char_setup
+    cfg = char_config(root, max_steps=2)
+    cfg["train"]["progress_bar"] = "auto"
+    train(cfg)  # capsys's stderr is not a terminal
+    assert "\r" not in capsys.readouterr().err
+    cfg["train"].update(progress_bar=True, work_dir=str(root / "run2"))
+    train(cfg)
+    err = capsys.readouterr().err
+    assert "tokenizing" in err and "2/2" in err
+    assert main(["eval", "--model", str(root / "run2" / "output"), "--data", str(root / "eval.jsonl")]) == 0
+    assert "\r" not in capsys.readouterr().err
+    assert main(["eval", "--model", str(root / "run2" / "output"), "--data", str(root / "eval.jsonl"), "--progress"]) == 0
+    assert "ppl" in capsys.readouterr().err

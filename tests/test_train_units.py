@@ -139,8 +139,8 @@ def test_bad_data_files_are_reported(tmp_path):
     rows = [{"text1": "a"}, {"text1": "b"}]
     with pytest.raises(DataError, match=r"row 1 has no column 'src_txt' \(columns: text1\).*remap_columns"):
         detect_mode(rows, "x.jsonl")
-    with pytest.raises(DataError, match="row 2 has no column 'tgt_txt'"):
-        detect_mode([{"src_txt": "a", "tgt_txt": "b"}, {"src_txt": "c"}], "x.jsonl")
+    with pytest.raises(DataError, match="row 2 column 'tgt_txt' must be a string, got int"):
+        detect_mode([{"src_txt": "a", "tgt_txt": "b"}, {"src_txt": "c", "tgt_txt": 3}], "x.jsonl")
     with pytest.raises(FileNotFoundError):
         read_rows(tmp_path / "missing.jsonl")
 
@@ -419,3 +419,105 @@ def test_truncated_rows_count_only_the_kept_characters():
     assert data.chars.tolist() == [6, 3]  # 6 of 10 characters kept in the cut row
     prompt = tokenize_rows([{"src_txt": "床前明", "tgt_txt": "月光疑是地上霜"}], tok, 6, "prompt")
     assert prompt.chars.tolist() == [3]  # 3 of the 7 target characters fit after the 3-token prompt
+
+
+# ------------------------------------------------------------------------------ reliability: inputs
+def test_invalid_utf8_names_the_file_and_the_byte_offset(tmp_path):
+    # past the first 8 KiB: a text-mode reader reports an offset inside its own read buffer
+    good = "".join(json.dumps({"src_txt": f"床前明月光{i}"}, ensure_ascii=False) + "\n" for i in range(400))
+    for name, head, tail in [("d.jsonl", good + '{"src_txt": "', '"}\n'),
+                             ("d.csv", "src_txt\n" + "床前明月光\n" * 2000 + '"', '"\n'),
+                             ("d.json", "[" + "{},\n" * 3000 + '{"src_txt": "', '"}]')]:
+        path = tmp_path / name
+        path.write_bytes(head.encode() + b"\xff" + tail.encode())
+        at = len(head.encode())
+        with pytest.raises(DataError, match=rf"{name}: not UTF-8 text: byte 0xff at byte offset {at} "
+                                            rf"\(line {head.count(chr(10)) + 1}\)"):
+            read_rows(path)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"train:\n  seed: 1 # \xe5\x90\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 text: byte 0xe5 at byte offset 19 \(line 2\)"):
+        load_config(cfg)
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "d.jsonl").write_bytes(bom + '{"src_txt": "问题"}\n'.encode())
+    (tmp_path / "d.csv").write_bytes(bom + "src_txt,tgt_txt\n问题,答案\n".encode())
+    (tmp_path / "d.json").write_bytes(bom + '[{"src_txt": "问题"}]'.encode())
+    assert read_rows(tmp_path / "d.jsonl") == [{"src_txt": "问题"}]
+    assert read_rows(tmp_path / "d.csv") == [{"src_txt": "问题", "tgt_txt": "答案"}]  # not "\ufeffsrc_txt"
+    assert read_rows(tmp_path / "d.json") == [{"src_txt": "问题"}]
+    (tmp_path / "c.yaml").write_bytes(bom + b"model: {preset: base}\ntokenizer: t\ndataset: {train: a}\n")
+    assert load_config(tmp_path / "c.yaml").tokenizer == "t"
+
+
+def test_parquet_is_read_with_pyarrow(tmp_path):
+    pa = pytest.importorskip("pyarrow")  # the `data` extra
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text1": ["问题", "再问"], "text2": ["答案", None]}), tmp_path / "d.parquet")
+    rows = read_rows(tmp_path / "d.parquet", {"text1": "src_txt", "text2": "tgt_txt"})
+    assert rows == [{"src_txt": "问题", "tgt_txt": "答案"}, {"src_txt": "再问", "tgt_txt": None}]
+    assert detect_mode(rows, "d.parquet") == "mixed"  # a null target is no target
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="bad.parquet: cannot read as parquet"):
+        read_rows(tmp_path / "bad.parquet")
+
+
+def test_mixed_rows_are_tokenized_per_row_as_modelscope():
+    # the first row has no target: before, the whole file became continuation and row 2's
+    # tgt_txt was dropped without a word
+    L = 12
+    rows = [{"src_txt": "甲甲甲"}, {"src_txt": "甲甲", "tgt_txt": "乙乙乙"}, {"src_txt": "甲", "tgt_txt": None}]
+    tok = CharTok("甲乙")
+    assert detect_mode(rows, "x") == "mixed"
+    data = tokenize_rows(rows, tok, L, "mixed")
+    assert data.with_target == 1
+    batch = collate(data, range(3), pad_to=L - 1)
+    assert batch.mask[0].tolist() == _spec_mask(3, 0, L, "continuation").tolist()
+    assert batch.mask[1].tolist() == _spec_mask(2, 3, L, "prompt").tolist()
+    assert batch.mask[2].tolist() == _spec_mask(1, 0, L, "continuation").tolist()
+    assert batch.tokens[1, :6].tolist() == tok.encode("甲甲乙乙乙") + [1]  # the target is in the row
+    assert data.chars.tolist() == [3, 3, 1]  # scored text: src for continuation rows, tgt for the prompt row
+
+
+def test_model_overrides_dotted_key_works_like_the_shorthand():
+    a = load_config(BASE, ["model.overrides.n_layer=3"])
+    b = load_config(BASE, ["model.n_layer=3"])
+    assert a.model.gpt_config() == b.model.gpt_config() and a.model.gpt_config().n_layer == 3
+    with pytest.raises(ConfigError, match="not divisible by n_head=5"):  # accepted as a key, checked as a value
+        load_config(BASE, ["model.overrides.n_head=5"])
+    with pytest.raises(ConfigError, match="did you mean 'model.overrides.n_head'"):
+        load_config(BASE, ["model.overrides.n_heads=2"])
+    both = {**BASE, "model": {"preset": "base", "n_layer": 2, "overrides": {"n_layer": 4}}}
+    with pytest.raises(ConfigError, match=r"n_layer is given twice .*model.n_layer=2, model.overrides.n_layer=4"):
+        load_config(both)
+    assert load_config(both, ["model.overrides.n_layer=5"]).model.gpt_config().n_layer == 5  # the override wins
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.optimizer.lr=.inf", "train.optimizer.lr"), ("train.optimizer.lr=.nan", "train.optimizer.lr"),
+    ("train.optimizer.eps=-.inf", "train.optimizer.eps"),
+    ("train.optimizer.options.grad_clip.max_norm=.inf", "train.optimizer.options.grad_clip.max_norm"),
+])
+def test_non_finite_numbers_are_refused(override, key):
+    with pytest.raises(ConfigError, match=rf"{key}: expected a finite number"):
+        load_config(BASE, [override])
+
+
+def test_overwrite_and_resume_are_exclusive():
+    with pytest.raises(ConfigError, match="train.overwrite=true .* cannot be combined with train.resume"):
+        load_config(BASE, ["train.overwrite=true", "train.resume=true"])
+
+
+def test_checkpoints_are_ordered_and_pruned_by_step_number(tmp_path):
+    from gpt3zh.training.loop.trainer import _checkpoints, _prune
+
+    # 9 digits sort before 8 by name: pruning by name would delete the newest checkpoint
+    for step in (99_999_998, 99_999_999, 100_000_000):
+        (tmp_path / f"step-{step:08d}").mkdir()
+        (tmp_path / f"step-{step:08d}" / "state.pt").write_bytes(b"x")
+    assert [p.name for p in _checkpoints(tmp_path)] == ["step-99999998", "step-99999999", "step-100000000"]
+    _prune(tmp_path, keep_last=1, best={"step": 99_999_998}, step=100_000_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-100000000", "step-99999998"]  # newest + best

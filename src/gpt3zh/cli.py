@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 
@@ -46,35 +47,46 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 def _info_run(args: argparse.Namespace) -> int:
     if (args.path is None) == (args.preset is None):
         raise CLIError("info: give either a model directory PATH or --preset NAME")
+    weights = None
     if args.preset:
         cfg, fmt, extra = PRESETS[args.preset], "preset", {"preset": args.preset}
+        params = _count_params_on_meta(cfg)
+        assert params == cfg.num_params, (params, cfg.num_params)
     else:
-        from .checkpoint import describe
+        from .checkpoint import describe, inspect_weights
 
         desc = describe(args.path)
         cfg, fmt, extra = desc.config, desc.format, desc.extra
-    params = _count_params_on_meta(cfg)
-    assert params == cfg.num_params, (params, cfg.num_params)
-    info = {
-        "format": fmt,
-        "params": params,
-        "bf16_bytes": 2 * params,
-        "config": cfg.to_dict(),
-        **extra,
-    }
+        weights = inspect_weights(args.path)  # the real tensors' names and shapes, not the config's claim
+        params = weights.params
+    info = {"format": fmt, "params": params, "bf16_bytes": 2 * params, "config": cfg.to_dict(), **extra}
+    if weights is not None:
+        info["weights"] = {"files": weights.files, "tensors": weights.tensors, "config_params": cfg.num_params,
+                           "matches_config": weights.ok, "problems": weights.problems}
     if args.json:
         print(json.dumps(info, ensure_ascii=False, indent=2))
-        return 0
+    else:
+        _print_info(fmt, extra, params, cfg, weights)
+    if weights is not None and not weights.ok:
+        raise CLIError(f"{args.path}: the weights do not match its config ({weights.problems[0]}"
+                       f"{f'; {len(weights.problems) - 1} more problems above' if len(weights.problems) > 1 else ''})")
+    return 0
+
+
+def _print_info(fmt: str, extra: dict, params: int, cfg: GPTConfig, weights) -> None:
     print(f"format      {fmt}")
     for key, value in extra.items():
         print(f"{key:<11} {value}")
-    print(f"params      {params:,}")
+    print(f"params      {params:,}" + ("" if weights is None else f" in {weights.tensors} tensors"))
     print(f"bf16 size   {_human_bytes(2 * params)}")
     print(
         f"shape       {cfg.n_layer} layers, {cfg.n_head} heads, d_model {cfg.d_model}, "
         f"ffn {cfg.ffn_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}, {cfg.gelu} GELU"
     )
-    return 0
+    if weights is not None and not weights.ok:
+        print(f"MISMATCH    the config describes {cfg.num_params:,} params; the weight files hold:")
+        for line in weights.problems:
+            print(f"  {line}")
 
 
 # ------------------------------------------------------------------------------------------- convert
@@ -97,6 +109,17 @@ def _convert_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    _convert_args(p)
+    p.set_defaults(to="gpt3zh")
+    for action in p._actions:  # the same flags as convert, but --to defaults to gpt3zh
+        if action.dest == "to":
+            action.required = False
+            action.help = "output format (default: gpt3zh)"
+        elif action.dest == "src":
+            action.help = "a training checkpoint (work_dir/checkpoints/step-N) or any model directory"
+
+
 # --------------------------------------------------------------------------------------- train / eval
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="training config (YAML or JSON); paths inside are relative to the current directory")
@@ -112,13 +135,24 @@ def _train_run(args: argparse.Namespace) -> int:
         return 0
     summary = {"work_dir": str(result.work_dir), "output": str(result.output_dir), "step": result.step,
                "train_loss": result.train_loss, **{k: v for k, v in result.eval.items() if k != "examples"}}
-    print(json.dumps(summary, ensure_ascii=False))
+    print(json.dumps(json_safe(summary), ensure_ascii=False, allow_nan=False))
     return 0
+
+
+def json_safe(value):
+    """NaN and infinities as null: json.dumps would print NaN, which is not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (any supported format)")
-    p.add_argument("--data", required=True, help="JSONL / JSON / CSV file with src_txt (and tgt_txt)")
+    p.add_argument("--data", required=True, help="JSONL / JSON / CSV / parquet file with src_txt (and tgt_txt)")
     p.add_argument(
         "--metric", action="append", choices=["ppl", "rouge", "bleu"],
         help="repeatable; default: ppl for continuation data, ppl+rouge+bleu for prompt->target data",
@@ -134,6 +168,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ppl-modelscope", action="store_true",
                    help="skip ModelScope's unmasked ppl (it needs logits of every padded position)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--progress", action="store_true",
+                   help="draw progress bars on stderr even when it is not a terminal (default: only on a terminal)")
 
 
 def _eval_run(args: argparse.Namespace) -> int:
@@ -231,6 +267,7 @@ COMMANDS: dict[str, Command] = {
     "demo": DEMO,
     "info": (_info_args, _info_run, "parameter count, size and format of a preset or model directory"),
     "convert": (_convert_args, _convert_run, "convert a model directory to another format (gpt3zh, modelscope, megatron, hf)"),
+    "export": (_export_args, _convert_run, "write a training checkpoint (or any model directory) as a model directory"),
     "train": (_train_args, _train_run, "fine-tune or train from a YAML/JSON config (KEY=VALUE overrides win)"),
     "eval": (_eval_args, _eval_run, "perplexity, or greedy ROUGE-L / BLEU-4, of a model on a data file"),
     "plan": (_plan_args, _plan_run, "per-GPU memory of a dp x tp training layout (measured on a fake process group)"),
@@ -274,8 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return COMMANDS[args.command][1](args)
-    except (CLIError, ConfigError, FileNotFoundError, ValueError) as err:
+    except (CLIError, ConfigError, ValueError) as err:
         print(f"gpt3zh {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a missing file, a full or read-only disk, a path under a regular file
+        from .fileio import describe_os_error
+
+        print(f"gpt3zh {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

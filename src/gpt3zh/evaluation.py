@@ -18,7 +18,16 @@ from typing import Any
 import torch
 
 from .model import GPT
-from .training.data import SRC, TGT, TokenRows, collate, detect_mode, read_rows, tokenize_rows
+from .training.data import (
+    SRC,
+    TGT,
+    TokenRows,
+    collate,
+    detect_mode,
+    first_row_without_target,
+    read_rows,
+    tokenize_rows,
+)
 from .training.metrics import BleuStats, PPLAccumulator, rouge_l
 
 
@@ -31,16 +40,22 @@ def evaluate_ppl(
     pad_to: int | None = None,
     max_rows: int | None = None,
     autocast=contextlib.nullcontext,
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     """Masked loss / ppl over trained tokens; with pad_to (= sequence_length - 1) also ModelScope's
     unmasked ppl, which needs the rows padded exactly as ModelScope pads them.
 
     Without pad_to (and for a plain GPT) only the trained positions go through the output head: on prompt->target data
-    the (B, T, V) logits of every prompt position are most of an evaluation's cost."""
+    the (B, T, V) logits of every prompt position are most of an evaluation's cost. With no
+    scored token at all, loss and ppl are None (not NaN, which is not JSON).
+    progress: a bar on stderr (None: only when stderr is a terminal)."""
     n = len(data) if max_rows is None else min(max_rows, len(data))
     acc = PPLAccumulator()
-    for i in range(0, n, batch_size):
-        batch = collate(data, range(i, min(i + batch_size, n)), pad_to=pad_to).to(device)
+    for i in _bar(range(0, n, batch_size), "ppl", progress):
+        idx = range(i, min(i + batch_size, n))
+        if pad_to is None and not data.trained_tokens[idx.start : idx.stop].any():
+            continue  # only empty rows (nothing to score): their batch would be zero positions wide
+        batch = collate(data, idx, pad_to=pad_to).to(device)
         with autocast():
             if pad_to is not None or not isinstance(model, GPT):  # a wrapped model: logits only
                 logits = model(batch.tokens)  # (B, T, V)
@@ -52,7 +67,9 @@ def evaluate_ppl(
     out = acc.result()
     chars = int(data.chars[:n].sum())
     out["chars"] = chars
-    out["bits_per_char"] = out["loss"] * out["tokens"] / (math.log(2) * chars) if chars else float("nan")
+    if not out["tokens"]:
+        out["loss"] = out["ppl"] = None
+    out["bits_per_char"] = out["loss"] * out["tokens"] / (math.log(2) * chars) if chars and out["tokens"] else None
     out["rows"] = n
     out["truncated_rows"] = int(data.truncated) if n == len(data) else None
     return out
@@ -62,6 +79,7 @@ def evaluate_ppl(
 def evaluate_generation(
     model, tok, rows: list[dict], data: TokenRows, max_new_tokens: int, batch_size: int,
     max_rows: int | None = None,
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     """Greedy continuation of each prompt, cut at <sep>, scored against tgt_txt (characters)."""
     from .generation import generate
@@ -71,7 +89,7 @@ def evaluate_generation(
     # for the answer; the head holds what the task puts first (the answer in the QG template).
     room = max(model.config.max_seq_len - max_new_tokens, 1)
     preds = []
-    for i in range(0, n, batch_size):
+    for i in _bar(range(0, n, batch_size), "generation", progress):
         idx = range(i, min(i + batch_size, n))
         # the prompt as ModelScope feeds it: the row's first prompts_len tokens (start + 1)
         prompts = [data.row(j)[: min(int(data.starts[j]) + 1, room)].tolist() for j in idx]
@@ -93,6 +111,13 @@ def evaluate_generation(
     }
 
 
+def _bar(batches: range, desc: str, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    # tqdm's disable=None: drawn only when stderr is a terminal, so a redirected log stays clean
+    return tqdm(batches, desc=desc, unit="batch", leave=False, disable=None if progress is None else not progress)
+
+
 def run_eval(
     model_path: str,
     data_path: str,
@@ -105,6 +130,7 @@ def run_eval(
     remap_columns: dict[str, str] | None = None,
     device: str = "auto",
     ppl_modelscope: bool = True,
+    progress: bool | None = False,
 ) -> dict[str, Any]:
     from .checkpoint import load_model
     from .config import ConfigError
@@ -113,9 +139,12 @@ def run_eval(
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     rows = read_rows(data_path, remap_columns)
     mode = detect_mode(rows, data_path)
-    metrics = metrics or (["ppl"] if mode == "continuation" else ["ppl", "rouge", "bleu"])
+    metrics = metrics or (["ppl", "rouge", "bleu"] if mode == "prompt" else ["ppl"])
     if {"rouge", "bleu"} & set(metrics) and mode != "prompt":
-        raise ConfigError(f"--metric rouge/bleu needs prompt->target data ({TGT} column) in {data_path}")
+        raise ConfigError(
+            f"--metric rouge/bleu needs prompt->target data: {data_path} row {first_row_without_target(rows)} "
+            f"has no {TGT}"
+        )
     model = load_model(model_path).to(dev).eval()
     sequence_length = sequence_length or min(512, model.config.max_seq_len)
     if sequence_length > model.config.max_seq_len:
@@ -123,12 +152,15 @@ def run_eval(
             f"--sequence-length {sequence_length} exceeds the model's context {model.config.max_seq_len}"
         )
     tok = load_tokenizer(tokenizer or model_path)
-    data = tokenize_rows(rows, tok, sequence_length, mode)
+    data = tokenize_rows(rows, tok, sequence_length, mode, progress)
+    n = len(data) if max_rows is None else min(max_rows, len(data))
+    if not data.trained_tokens[:n].any():
+        raise ConfigError(f"{data_path}: no token to score: all {n} rows evaluated are empty after tokenization")
     out: dict[str, Any] = {"model": str(model_path), "data": str(data_path), "mode": mode}
     out.update(evaluate_ppl(model, data, batch_size, dev, pad_to=sequence_length - 1 if ppl_modelscope else None,
-                            max_rows=max_rows))
+                            max_rows=max_rows, progress=progress))
     if {"rouge", "bleu"} & set(metrics):
-        out.update(evaluate_generation(model, tok, rows, data, max_new_tokens, batch_size, max_rows))
+        out.update(evaluate_generation(model, tok, rows, data, max_new_tokens, batch_size, max_rows, progress))
     return out
 
 
@@ -143,12 +175,17 @@ def run_eval_command(args: argparse.Namespace) -> int:
     for name in ("sequence_length", "batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
     result = run_eval(
         args.model, args.data, args.metric, args.tokenizer, args.sequence_length, args.batch_size,
         args.max_new_tokens, args.limit, remap, args.device, not args.no_ppl_modelscope,
+        progress=True if args.progress else None,
     )
     if args.json:
-        print(json.dumps(result, ensure_ascii=False, indent=2))
+        from .cli import json_safe
+
+        print(json.dumps(json_safe(result), ensure_ascii=False, indent=2, allow_nan=False))
         return 0
     for key in ("mode", "rows", "tokens", "chars", "loss", "ppl", "bits_per_char", "ppl_modelscope", "rouge_l", "bleu4"):
         if key in result:

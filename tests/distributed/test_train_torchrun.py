@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .launch import torchrun_env
 
@@ -74,6 +75,9 @@ def test_2x2_run_resumes_at_1x2_and_4x1_with_the_same_next_loss(tmp_path):
     # the export: the whole model, and 4 Megatron shards (checkpoint_tensor_model_parallel_size)
     assert describe(first / "output_megatron").extra["tp"] == 4
     assert load_model(first / "output").config.n_head == 4
+    # a parallel run's checkpoint is a model directory too: its DCP shards, read in one process
+    last, exported = load_model(first / "checkpoints" / "step-00000003"), load_model(first / "output")
+    assert all(torch.equal(last.state_dict()[k], v) for k, v in exported.state_dict().items())
 
     for nproc, tp, batch in ((2, 2, 4), (4, 1, 1)):
         work = tmp_path / f"resume_{nproc // tp}x{tp}"

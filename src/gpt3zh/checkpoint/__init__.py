@@ -3,14 +3,17 @@
 Formats (detected automatically): gpt3zh's own (config.json + model.safetensors), ModelScope
 single-process (pytorch_model.bin), ModelScope Megatron (model/mp_rank_XX_model_states.pt, any
 number of tensor-parallel shards) and Hugging Face GPT-2. Conversion is a name table per foreign
-format (tables.py) plus named transforms (transforms.py) and TP split/merge (tp.py).
+format (tables.py) plus named transforms (transforms.py) and TP split/merge (tp.py). A training
+checkpoint (work_dir/checkpoints/step-N) is read like a model directory.
 """
 
 from .api import (
     ModelDirInfo,
     Pretrained,
+    WeightsReport,
     convert,
     describe,
+    inspect_weights,
     load_generation_defaults,
     load_model,
     load_pretrained,
@@ -24,9 +27,11 @@ __all__ = [
     "FORMATS",
     "CheckpointError",
     "ModelDirInfo",
+    "WeightsReport",
     "convert",
     "describe",
     "Pretrained",
+    "inspect_weights",
     "load_generation_defaults",
     "load_model",
     "load_pretrained",

@@ -1,7 +1,8 @@
-"""load_model / save_model / convert / describe: the public entry points of gpt3zh.checkpoint."""
+"""load_model / save_model / convert / describe / inspect_weights: the public entry points of gpt3zh.checkpoint."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ import torch
 from ..config import GenerationDefaults, GPTConfig
 from ..hub import resolve_model
 from ..model import GPT
-from . import formats
+from . import formats, tables
 from .errors import CheckpointError
 from .files import atomic_output_dir, read_json
 
@@ -38,22 +39,81 @@ def describe(path: PathLike) -> ModelDirInfo:
     return ModelDirInfo(fmt.name, cfg, gen, {**fmt.extra(d), "tokenizer": _tokenizer_kind(d)})
 
 
-_TOKENIZER_KINDS = {
-    "jieba_bpe": "tokenizer.json (jieba + BPE)",
-    "bert": "vocab.txt (BERT WordPiece)",
-    "hf": "tokenizer.json (used as is)",
-}
-
-
 def _tokenizer_kind(d: Path) -> str:
+    """What `load_tokenizer(d)` would load, in words (the same detection, not a guess from names;
+    an HF export holds tokenizer.json for every kind)."""
     from ..tokenizer import detect_kind
 
     if not ((d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file()):
         return "none"
     try:
-        return _TOKENIZER_KINDS[detect_kind(d)]  # an HF export holds tokenizer.json for every kind
-    except ValueError as err:  # an ambiguous directory: describe still describes the model
-        return f"unknown ({err})"
+        kind = detect_kind(d)
+    except ValueError as err:  # TokenizerError: files that do not say which kind they are
+        return f"unknown ({str(err).splitlines()[0]})"
+    if kind == "jieba_bpe":
+        return "tokenizer.json (jieba + BPE)"
+    if kind == "bert":
+        return "vocab.txt (BERT WordPiece)"
+    return f"tokenizer.json ({_plain_tokenizer_model(d / 'tokenizer.json')}, no jieba)"
+
+
+def _plain_tokenizer_model(path: Path) -> str:
+    try:
+        model = read_json(path, "tokenizer").get("model") or {}
+    except CheckpointError:
+        return "unreadable"
+    kind = model.get("type", "unknown model")
+    vocab = model.get("vocab")
+    if kind == "WordLevel" and isinstance(vocab, dict):
+        tokens = [t for t in vocab if not (t.startswith("<") and t.endswith(">"))]
+        if tokens and all(len(t) == 1 for t in tokens):  # train_char_tokenizer's: one id per character
+            return "character-level WordLevel"
+    return kind
+
+
+@dataclass(frozen=True)
+class WeightsReport:
+    """What the weight files of a model directory hold, compared with its config (headers only)."""
+
+    files: list[str]
+    tensors: int
+    params: int  # of the tensors found (a TP-split tensor counted once)
+    dtype: str
+    problems: list[str]  # one line each; empty when every name and shape matches the config
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def inspect_weights(path: PathLike) -> WeightsReport:
+    """Names and shapes of the real tensors (safetensors headers, memory-mapped torch files; no
+    tensor data is read), checked against the directory's config."""
+    d = Path(path)
+    fmt = formats.detect(d)
+    cfg, _ = fmt.read_config(d)
+    files = fmt.weight_shapes(d)
+    expected = fmt.expected_shapes(d, cfg)
+    problems = []
+    for file, found in files:
+        problems += [f"{file.name}: {line}" for line in tables.compare_keys(found, expected)]
+    params = _count_found(files, fmt.name == "megatron")
+    return WeightsReport([str(f) for f, _ in files], sum(len(f) for _, f in files), params,
+                         fmt.extra(d).get("dtype", "unknown"), problems)
+
+
+def _count_found(files: list[tuple[Path, dict]], tp_split: bool) -> int:
+    """Parameters in the files; with TP shards a replicated tensor is counted once (from rank 0)."""
+    total = 0
+    for rank, (_, found) in enumerate(files):
+        for name, shape in found.items():
+            try:
+                split = tp_split and tables.partition_dim(name) is not None
+            except CheckpointError:  # a name no table knows (reported as unexpected)
+                split = False
+            if rank == 0 or split:
+                total += math.prod(shape)
+    return total
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -140,6 +200,7 @@ def convert(
     megatron blocks rewritten as ModelScope's own save_pretrained does).
     """
     src = resolve_model(src)
+    _check_target(to, tp)  # before the (possibly large) load
     loaded = load_pretrained(src, dtype=dtype)
     conf = src / "configuration.json"
     base = read_json(conf, "ModelScope configuration") if conf.is_file() else None
@@ -169,12 +230,16 @@ def _carried_tokenizer(src: Path, to: str) -> tuple[Any, list[Path]]:
     return None, files
 
 
-def _write(model, out: Path, format: str, tp: int, overwrite: bool, generation: GenerationDefaults,
-           tokenizer=None, base=None, copies=()) -> Path:
+def _check_target(format: str, tp: int) -> None:
     if format not in formats.FORMATS:
         raise CheckpointError(f"unknown format {format!r} (expected one of: {', '.join(formats.FORMATS)})")
     if tp != 1 and format != "megatron":
         raise CheckpointError(f"tp={tp}: only the 'megatron' format is written as tensor-parallel shards")
+
+
+def _write(model, out: Path, format: str, tp: int, overwrite: bool, generation: GenerationDefaults,
+           tokenizer=None, base=None, copies=()) -> Path:
+    _check_target(format, tp)
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_output_dir(out, overwrite, formats.is_model_dir) as tmp:
         formats.FORMATS[format].write(sd, model.config, generation, tmp, tp, base, tokenizer)

@@ -7,6 +7,7 @@ config, so a wrong file fails here with the file's own key names, not deep insid
   modelscope  config.json + pytorch_model.bin (+ configuration.json without a megatron block)
   megatron    config.json + configuration.json with a megatron block + model/mp_rank_XX_model_states.pt
   hf          config.json (model_type gpt2) + generation_config.json + model.safetensors
+  and, read-only, a training checkpoint: config.json {"format": "gpt3zh-train"} + state.pt
 """
 
 from __future__ import annotations
@@ -21,7 +22,17 @@ import torch
 from ..config import ConfigError, GenerationDefaults, GPTConfig
 from . import configs, tables
 from .errors import CheckpointError
-from .files import SafetensorsFile, load_torch, read_json, require_file, save_safetensors, save_torch, write_json
+from .files import (
+    SafetensorsFile,
+    dcp_tensor_entries,
+    load_dcp_tensors,
+    load_torch,
+    read_json,
+    require_file,
+    save_safetensors,
+    save_torch,
+    write_json,
+)
 from .tp import merge_state_dicts, split_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
@@ -66,27 +77,25 @@ class Gpt3zhFormat:
 
     @classmethod
     def read_config(cls, d: Path) -> tuple[GPTConfig, GenerationDefaults]:
-        path = d / "config.json"
-        data = read_json(path)
-        for key in ("model", "generation"):
-            if not isinstance(data.get(key), dict):
-                raise CheckpointError(f"{path}: expected an object under {key!r} (a gpt3zh config.json)")
-        try:
-            cfg = GPTConfig.from_dict(data["model"], where=f"{path} [model]")
-            gen = GenerationDefaults.from_dict(data["generation"], where=f"{path} [generation]")
-        except (ConfigError, TypeError) as err:
-            raise CheckpointError(f"{path}: {err}") from None
-        return cfg, gen
+        return _own_config(read_json(d / "config.json"), d / "config.json")
 
     @classmethod
     def extra(cls, d: Path) -> dict[str, Any]:
         return {"dtype": _safetensors_dtype(d / cls.weights)}
 
     @classmethod
+    def weight_shapes(cls, d: Path) -> list[tuple[Path, dict[str, tuple]]]:
+        st = SafetensorsFile(d / cls.weights, "model weights")  # the header only: no tensor is read
+        return [(st.path, st.shapes())]
+
+    @classmethod
+    def expected_shapes(cls, d: Path, cfg: GPTConfig) -> dict[str, torch.Size]:
+        return tables.foreign_shapes(tables.GPT3ZH, cfg)
+
+    @classmethod
     def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
         st = SafetensorsFile(d / cls.weights, "model weights")
-        expected = tables.foreign_shapes(tables.GPT3ZH, cfg)
-        tables.check_keys(st.shapes(), expected, str(st.path), _why(cfg, d / "config.json"))
+        tables.check_keys(st.shapes(), cls.expected_shapes(d, cfg), str(st.path), _why(cfg, d / "config.json"))
         return tables.from_foreign(st, tables.GPT3ZH, cfg, dtype)
 
     @classmethod
@@ -94,6 +103,121 @@ class Gpt3zhFormat:
         write_json(out / "config.json", {"format": "gpt3zh", "model": cfg.to_dict(), "generation": gen.to_dict()})
         save_safetensors(sd, out / cls.weights)
         _save_tokenizer(tokenizer, out)
+
+
+def _own_config(data: dict, path: Path) -> tuple[GPTConfig, GenerationDefaults]:
+    """(model, generation) of a gpt3zh config.json: {"format", "model": {...}, "generation": {...}}."""
+    for key in ("model", "generation"):
+        if not isinstance(data.get(key), dict):
+            raise CheckpointError(f"{path}: expected an object under {key!r} (a gpt3zh config.json)")
+    try:
+        cfg = GPTConfig.from_dict(data["model"], where=f"{path} [model]")
+        gen = GenerationDefaults.from_dict(data["generation"], where=f"{path} [generation]")
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    return cfg, gen
+
+
+# ------------------------------------------------------------------------------- training checkpoint
+class TrainCheckpointFormat:
+    """A training checkpoint, work_dir/checkpoints/step-N: config.json {"format": "gpt3zh-train"},
+    state.pt (the model's and optimizer's state dicts, ...), meta.json, the tokenizer files.
+
+    Read-only: load_model / eval / info / convert (and `gpt3zh export`) take one as they take a
+    model directory. Checkpoints written before config.json was added are read through meta.json.
+    A parallel run's checkpoint keeps its weights in dcp/ (torch.distributed.checkpoint), read here
+    in one process through a restricted reader (files.load_dcp_tensors).
+    """
+
+    name = "train-checkpoint"
+    state = "state.pt"
+    tag = "gpt3zh-train"
+
+    @classmethod
+    def matches(cls, d: Path, config: dict) -> bool:
+        return config.get("format") == cls.tag
+
+    @classmethod
+    def is_legacy(cls, d: Path) -> bool:
+        return not (d / "config.json").exists() and (d / cls.state).is_file() and (d / "meta.json").is_file()
+
+    @classmethod
+    def read_config(cls, d: Path) -> tuple[GPTConfig, GenerationDefaults]:
+        if not cls.is_legacy(d):
+            return _own_config(read_json(d / "config.json"), d / "config.json")
+        return _legacy_train_config(read_json(d / "meta.json", "training checkpoint metadata"), d / "meta.json")
+
+    @classmethod
+    def extra(cls, d: Path) -> dict[str, Any]:
+        meta = read_json(d / "meta.json", "training checkpoint metadata") if (d / "meta.json").is_file() else {}
+        if (d / "dcp").is_dir():
+            first = next(iter(dcp_tensor_entries(d / "dcp", "model").values()))
+            return {"step": meta.get("step"), "dtype": _dtype_name(first.properties.dtype), "parallel": meta.get("parallel")}
+        t = next(iter(cls.model_state(d).values()), None)
+        return {"step": meta.get("step"), "dtype": _dtype_name(t.dtype) if t is not None else "unknown"}
+
+    @classmethod
+    def model_state(cls, d: Path) -> dict[str, torch.Tensor]:
+        path = d / cls.state
+        if (d / "dcp").is_dir():
+            return load_dcp_tensors(d / "dcp", "model")
+        state = load_torch(path, "training checkpoint")  # memory-mapped: the optimizer state is never read
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise CheckpointError(f"{path}: expected a training state with a 'model' state dict")
+        return _tensor_dict(state["model"], path)
+
+    @classmethod
+    def weight_shapes(cls, d: Path) -> list[tuple[Path, dict[str, tuple]]]:
+        if (d / "dcp").is_dir():  # the metadata alone
+            return [(d / "dcp", {k: tuple(v.size) for k, v in dcp_tensor_entries(d / "dcp", "model").items()})]
+        return [(d / cls.state, _shapes(cls.model_state(d)))]
+
+    @classmethod
+    def expected_shapes(cls, d: Path, cfg: GPTConfig) -> dict[str, torch.Size]:
+        return tables.foreign_shapes(tables.GPT3ZH, cfg)
+
+    @classmethod
+    def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
+        why = _why(cfg, d / ("meta.json" if cls.is_legacy(d) else "config.json"))
+        [(where, shapes)] = cls.weight_shapes(d)
+        tables.check_keys(shapes, cls.expected_shapes(d, cfg), str(where), why)  # before any tensor is read
+        sd = cls.model_state(d)
+        return tables.from_foreign(sd, tables.GPT3ZH, cfg, dtype)
+
+    @classmethod
+    def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None) -> None:
+        raise CheckpointError("training checkpoints are written by the trainer; convert to 'gpt3zh' instead")
+
+
+def _legacy_train_config(meta: dict, path: Path) -> tuple[GPTConfig, GenerationDefaults]:
+    """The model of a checkpoint without config.json, from the run's config kept in meta.json."""
+    model = (meta.get("config") or {}).get("model") or {}
+    if model.get("preset"):
+        try:
+            cfg = GPTConfig.from_preset(model["preset"], **(model.get("overrides") or {}))
+        except (ConfigError, TypeError) as err:
+            raise CheckpointError(f"{path}: {err}") from None
+        # as the trainer saved such runs: generation stops at the tokenizer's <sep>
+        return cfg, GenerationDefaults(eod_id=_legacy_sep_id(meta["config"].get("tokenizer"), path))
+    source = Path(model.get("path") or "")
+    if not model.get("path") or not source.is_dir():
+        raise CheckpointError(
+            f"{path}: an old checkpoint without config.json whose model came from {model.get('path')!r}, "
+            f"which is not found from here; run from the directory the training ran in"
+        )
+    return detect(source).read_config(source)
+
+
+def _legacy_sep_id(tokenizer: str | None, path: Path) -> int:
+    from ..tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(tokenizer).sep_id
+    except (OSError, ValueError, TypeError):
+        raise CheckpointError(
+            f"{path}: an old checkpoint without config.json; its tokenizer {tokenizer!r} (for the stop id) "
+            f"is not found from here; run from the directory the training ran in"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------- ModelScope single
@@ -114,15 +238,28 @@ class ModelScopeFormat:
         return {"dtype": _first_dtype(d / cls.weights)}
 
     @classmethod
-    def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
+    def state_dict(cls, d: Path) -> dict[str, torch.Tensor]:
+        """The file's tensors under ModelScope's names (memory-mapped: read only when used)."""
         path = d / cls.weights
         sd = load_torch(path, "ModelScope weights")
         if isinstance(sd, dict) and "state_dict" in sd:  # as GPT3Model.from_pretrained unwraps it
             sd = sd["state_dict"]
         sd = _tensor_dict(sd, path)
         # GPT3Model.from_pretrained renames model.language_model -> language_model (trainer output)
-        sd = {k.removeprefix("model.") if k.startswith("model.language_model.") else k: v for k, v in sd.items()}
-        tables.check_keys(_shapes(sd), tables.foreign_shapes(tables.MODELSCOPE, cfg), str(path), _why(cfg, d / "config.json"))
+        return {k.removeprefix("model.") if k.startswith("model.language_model.") else k: v for k, v in sd.items()}
+
+    @classmethod
+    def weight_shapes(cls, d: Path) -> list[tuple[Path, dict[str, tuple]]]:
+        return [(d / cls.weights, _shapes(cls.state_dict(d)))]
+
+    @classmethod
+    def expected_shapes(cls, d: Path, cfg: GPTConfig) -> dict[str, torch.Size]:
+        return tables.foreign_shapes(tables.MODELSCOPE, cfg)
+
+    @classmethod
+    def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
+        sd = cls.state_dict(d)
+        tables.check_keys(_shapes(sd), cls.expected_shapes(d, cfg), str(d / cls.weights), _why(cfg, d / "config.json"))
         return tables.from_foreign(sd, tables.MODELSCOPE, cfg, dtype)
 
     @classmethod
@@ -180,18 +317,31 @@ class MegatronFormat:
         return [model_dir / _shard_name(r) for r in ranks]
 
     @classmethod
-    def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
-        paths = cls.shard_paths(d)
-        tp = len(paths)
-        _check_tp(cfg, tp, f"{d / 'model'}: {tp} shards")
-        expected = tables.foreign_shapes(tables.MEGATRON, cfg, tp)
-        shards = []
-        for path in paths:  # memory-mapped: a shard's tensors are read only when merged
+    def shards(cls, d: Path) -> list[tuple[Path, dict[str, torch.Tensor]]]:
+        out = []
+        for path in cls.shard_paths(d):  # memory-mapped: a shard's tensors are read only when merged
             obj = load_torch(path, "Megatron tensor-parallel shard")
-            sd = _tensor_dict(obj["module"] if isinstance(obj, dict) and "module" in obj else obj, path)
-            tables.check_keys(_shapes(sd), expected, str(path), _why(cfg, d / "config.json", tp))
-            shards.append(sd)
-        return tables.from_foreign(merge_state_dicts(shards), tables.MEGATRON, cfg, dtype)
+            out.append((path, _tensor_dict(obj["module"] if isinstance(obj, dict) and "module" in obj else obj, path)))
+        return out
+
+    @classmethod
+    def weight_shapes(cls, d: Path) -> list[tuple[Path, dict[str, tuple]]]:
+        return [(path, _shapes(sd)) for path, sd in cls.shards(d)]
+
+    @classmethod
+    def expected_shapes(cls, d: Path, cfg: GPTConfig) -> dict[str, torch.Size]:
+        """Per tensor-parallel rank."""
+        tp = len(cls.shard_paths(d))
+        _check_tp(cfg, tp, f"{d / 'model'}: {tp} shards")
+        return tables.foreign_shapes(tables.MEGATRON, cfg, tp)
+
+    @classmethod
+    def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
+        expected = cls.expected_shapes(d, cfg)
+        shards = cls.shards(d)
+        for path, sd in shards:
+            tables.check_keys(_shapes(sd), expected, str(path), _why(cfg, d / "config.json", len(shards)))
+        return tables.from_foreign(merge_state_dicts([sd for _, sd in shards]), tables.MEGATRON, cfg, dtype)
 
     @classmethod
     def write(cls, sd, cfg, gen, out: Path, tp: int, base: dict | None, tokenizer=None) -> None:
@@ -248,7 +398,8 @@ class HFFormat:
         raise CheckpointError(f"{d}: no HF weights file found (expected {cls.weights} or pytorch_model.bin)")
 
     @classmethod
-    def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
+    def tensors(cls, d: Path) -> tuple[Path, Mapping, dict[str, tuple], _Renamed]:
+        """(file, its tensors, their shapes, the model's tensors under GPT2LMHeadModel names)."""
         path = cls.weights_path(d)
         if path.suffix == ".safetensors":
             src = SafetensorsFile(path, "HF weights")
@@ -259,9 +410,22 @@ class HFFormat:
         keys = [k for k in src if not _HF_IGNORED.match(k) and k != "lm_head.weight"]
         # GPT2Model files (no LM head) name their tensors without the "transformer." prefix
         prefix = "" if any(k.startswith("transformer.") for k in keys) else "transformer."
-        renamed = _Renamed(src, {prefix + k: k for k in keys})
+        return path, src, shapes, _Renamed(src, {prefix + k: k for k in keys})
+
+    @classmethod
+    def weight_shapes(cls, d: Path) -> list[tuple[Path, dict[str, tuple]]]:
+        path, _, shapes, renamed = cls.tensors(d)
+        return [(path, {new: shapes[old] for new, old in renamed.names.items()})]
+
+    @classmethod
+    def expected_shapes(cls, d: Path, cfg: GPTConfig) -> dict[str, torch.Size]:
+        return tables.foreign_shapes(tables.HF, cfg)
+
+    @classmethod
+    def read_weights(cls, d: Path, cfg: GPTConfig, dtype) -> dict[str, torch.Tensor]:
+        path, src, shapes, renamed = cls.tensors(d)
         found = {new: shapes[old] for new, old in renamed.names.items()}
-        tables.check_keys(found, tables.foreign_shapes(tables.HF, cfg), str(path), _why(cfg, d / "config.json"))
+        tables.check_keys(found, cls.expected_shapes(d, cfg), str(path), _why(cfg, d / "config.json"))
         if "lm_head.weight" in shapes and not torch.equal(src["lm_head.weight"], renamed["transformer.wte.weight"]):
             raise CheckpointError(f"{path}: lm_head.weight differs from transformer.wte.weight; gpt3zh needs a tied output head")
         return tables.from_foreign(renamed, tables.HF, cfg, dtype)
@@ -319,7 +483,11 @@ def detect(d: Path):
         raise CheckpointError(f"{d}: no such model directory")
     if not d.is_dir():
         raise CheckpointError(f"{d}: expected a model directory, got a file")
+    if TrainCheckpointFormat.is_legacy(d):
+        return TrainCheckpointFormat
     config = read_json(d / "config.json", "model config")
+    if TrainCheckpointFormat.matches(d, config):  # read-only: not in FORMATS, the formats one can write
+        return TrainCheckpointFormat
     return next(f for f in FORMATS.values() if f.matches(d, config))
 
 

@@ -158,19 +158,25 @@ def check_keys(found: dict[str, tuple], expected: dict[str, torch.Size], where: 
 
     `why` says where the expected shapes come from (e.g. "config.json: vocab_size=...").
     """
+    problems = compare_keys(found, expected)
+    if problems:
+        head = f"{where}: the weights do not match the model{' (' + why + ')' if why else ''}:"
+        raise CheckpointError("\n".join([head, *(f"  {line}" for line in problems)]))
+
+
+def compare_keys(found: dict[str, tuple], expected: dict[str, torch.Size]) -> list[str]:
+    """One line per kind of problem (missing, unexpected) and per mismatched shape; [] if all match."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     mismatched = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
-    if not (missing or unexpected or mismatched):
-        return
-    lines = [f"{where}: the weights do not match the model{' (' + why + ')' if why else ''}:"]
+    lines = []
     if missing:
-        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(f"{k} {_fmt(expected[k])}" for k in missing))
+        lines.append(f"missing keys ({len(missing)}): " + ", ".join(f"{k} {_fmt(expected[k])}" for k in missing))
     if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(f"{k} {_fmt(found[k])}" for k in unexpected))
+        lines.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(f"{k} {_fmt(found[k])}" for k in unexpected))
     for k in mismatched:
-        lines.append(f"  shape mismatch: {k} is {_fmt(found[k])} in the file, expected {_fmt(expected[k])}")
-    raise CheckpointError("\n".join(lines))
+        lines.append(f"shape mismatch: {k} is {_fmt(found[k])} in the file, expected {_fmt(expected[k])}")
+    return lines
 
 
 def _pattern(template: str) -> re.Pattern:

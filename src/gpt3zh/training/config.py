@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from ..config import ConfigError, GPTConfig
+from ..fileio import read_utf8
 
 Precision = Literal["fp32", "bf16", "fp16"]
 SchedulerType = Literal["noam", "cosine", "constant"]
@@ -95,12 +97,17 @@ class TrainSection:
     eval_interval: int | None = None  # steps; None -> at each epoch end
     log_interval: int = 10  # steps between TensorBoard scalar writes
     keep_last: int = 2  # step checkpoints kept (the best by eval PPL is kept in addition)
-    resume: bool | str = False  # true: latest checkpoint in work_dir; a path: that checkpoint
+    # true: the newest intact checkpoint in work_dir (none yet: start at step 0); a path: that one
+    resume: bool | str = False
+    # A work_dir that holds another run (checkpoints, a log, an export) is refused unless the run
+    # resumes it or overwrite=true, which deletes that run's files first (the token cache is kept).
+    overwrite: bool = False
     # work_dir/output (gpt3zh) and work_dir/output_<format> for each other checkpoint format
     export_formats: list[str] = field(default_factory=lambda: ["gpt3zh"])
     device: str = "auto"  # auto -> cuda when available, else cpu
     bucket_by_length: bool = True  # batch rows of similar length so little compute goes to padding
-    progress_bar: bool = True
+    # "auto": a tqdm bar on stderr only when stderr is a terminal (never \r-garbage in a log file)
+    progress_bar: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -214,7 +221,7 @@ def _resolve_warmup_alias(lr: LRSchedulerConfig) -> None:
 def read_config_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
@@ -274,12 +281,23 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
     if parts[:2] == ["train", "lr_scheduler"] and parts[-1] in ("warmup", "warmup_steps"):
         node.pop("warmup_steps" if parts[-1] == "warmup" else "warmup", None)  # the override wins
+    if parts[0] == "model" and len(parts) in (2, 3) and _inside_free_dict(parts):
+        # model.X and model.overrides.X name one setting: the override replaces the file's other spelling
+        model = data["model"]
+        if len(parts) == 2 and isinstance(model.get("overrides"), dict):
+            model["overrides"].pop(parts[1], None)
+        elif len(parts) == 3:
+            model.pop(parts[2], None)
 
 
 def _inside_free_dict(parts: list[str]) -> bool:
-    """model.<GPTConfig field> and dataset.remap_columns.<column> are open mappings."""
+    """model.<GPTConfig field>, model.overrides.<GPTConfig field> (the same thing, spelt as the
+    file's `overrides:` mapping) and dataset.remap_columns.<column> are open mappings."""
+    gpt_fields = {f.name for f in dataclasses.fields(GPTConfig)}
     if parts[0] == "model" and len(parts) == 2:
-        return parts[1] in {f.name for f in dataclasses.fields(GPTConfig)}
+        return parts[1] in gpt_fields
+    if parts[:2] == ["model", "overrides"] and len(parts) == 3:
+        return parts[2] in gpt_fields
     return parts[:2] == ["dataset", "remap_columns"] and len(parts) == 3
 
 
@@ -312,6 +330,12 @@ def _build_model_section(data: Any, where: str) -> ModelSection:
     data = dict(data)
     path, preset = data.pop("path", None), data.pop("preset", None)
     overrides = dict(data.pop("overrides", None) or {})
+    both = sorted(k for k in data if k in overrides and data[k] != overrides[k])
+    if both:
+        raise ConfigError(
+            f"{where}: {both[0]} is given twice with different values ({where}.{both[0]}={data[both[0]]!r}, "
+            f"{where}.overrides.{both[0]}={overrides[both[0]]!r}); give one of them"
+        )
     overrides.update(data)  # `{preset: 1.3B, n_layer: 2}` is shorthand for overrides
     if path is not None and preset is not None:
         raise ConfigError(f"{where}: give either path (fine-tune) or preset (from scratch), not both")
@@ -335,6 +359,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         for arm in (a for a in args if a is not type(None)):
             try:
                 return _coerce(arm, value, path)
+            except _NotFinite:
+                raise  # the right type, a wrong value: say that, not "expected float or null"
             except ConfigError:
                 pass
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
@@ -371,16 +397,25 @@ def _coerce_scalar(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # YAML's .inf / .nan: no setting here means anything infinite
+                raise _NotFinite(f"{path}: expected a finite number, got {value!r}")
+            return number
     elif tp is str and isinstance(value, str):
         return value
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+class _NotFinite(ConfigError):
+    pass
 
 
 def _type_name(tp: Any) -> str:
@@ -411,6 +446,7 @@ def valid_keys() -> list[str]:
     """Every dotted key a config accepts (GPTConfig fields under model.* for a preset)."""
     keys = list(_walk(TrainConfig, ""))
     keys += [f"model.{f.name}" for f in dataclasses.fields(GPTConfig)]
+    keys += [f"model.overrides.{f.name}" for f in dataclasses.fields(GPTConfig)]
     return keys
 
 
@@ -460,6 +496,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("max_steps", "save_interval", "eval_interval"):
         if getattr(t, name) is not None:
             _positive(getattr(t, name), f"train.{name}")
+    if t.overwrite and t.resume is not False:
+        raise ConfigError("train.overwrite=true starts the run again from step 0; it cannot be combined with train.resume")
     if t.keep_last < 1:
         raise ConfigError(f"train.keep_last must be >= 1, got {t.keep_last}")
     if cfg.preprocessor.sequence_length < 2:

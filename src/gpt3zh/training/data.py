@@ -1,10 +1,13 @@
-"""Training data: rows from JSONL / JSON / CSV / a saved `datasets` dir -> token rows -> batches.
+"""Training data: rows from JSONL / JSON / CSV / parquet / a saved `datasets` dir -> token rows -> batches.
 
 ModelScope's preprocessing (TextGenerationJiebaPreprocessor, spec §8.1-8.2), kept exactly:
 - continuation (only `src_txt`): t = tok(src) + [<sep>], truncated to sequence_length L;
   inputs t[:-1], labels t[1:]; every real label is trained (tokens 2..n and <sep>).
 - prompt -> target (`src_txt` + `tgt_txt`): t = tok(src) + tok(tgt) + [<sep>], truncated to L;
   labels trained on positions [prompts_len - 1, inputs_len - 1): the target tokens and <sep>.
+- a file where only some rows have `tgt_txt` is handled row by row, as ModelScope's preprocessor
+  treats each row (the run's log and notes say how many rows of each kind it holds).
+Files are UTF-8 (a leading BOM is accepted); a bad byte is reported with its file offset.
 Padding is never trained. Where ModelScope pads every row to L, batches here are padded only to
 their longest row, and rows of similar length are batched together (`bucket_by_length`), so
 little compute goes to padding (benchmarks/train_padding.py measures it).
@@ -29,10 +32,11 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from ..fileio import read_utf8, writing
 
 SRC, TGT = "src_txt", "tgt_txt"
 PAD_ID = 0  # ModelScope pads inputs and labels with 0; padding is masked out of the loss
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: mixed files are tokenized per row
 
 
 class DataError(ConfigError):
@@ -41,20 +45,19 @@ class DataError(ConfigError):
 
 # --------------------------------------------------------------------------------------- reading
 def read_rows(path: str | Path, remap_columns: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Rows of a .jsonl / .json / .csv file or a saved `datasets` directory, columns renamed."""
+    """Rows of a .jsonl / .json / .csv / .parquet file or a saved `datasets` directory, columns renamed."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if path.is_dir():
         rows = _read_datasets_dir(path)
-    elif path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
-    elif path.suffix == ".json":
-        rows = _read_json(path)
-    elif path.suffix == ".csv":
-        rows = _read_csv(path)
+    elif path.suffix in readers:
+        rows = readers[path.suffix](path)
     else:
-        raise DataError(f"{path}: unknown data format {path.suffix!r} (expected .jsonl, .json, .csv or a datasets dir)")
+        raise DataError(
+            f"{path}: unknown data format {path.suffix!r} (expected .jsonl, .json, .csv, .parquet or a datasets dir)"
+        )
     if not rows:
         raise DataError(f"{path}: no rows (the file is empty)")
     if remap_columns:
@@ -64,23 +67,23 @@ def read_rows(path: str | Path, remap_columns: dict[str, str] | None = None) -> 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    # split on "\n" only: a JSON string may hold U+2028, which str.splitlines would cut at
+    for lineno, line in enumerate(read_utf8(path, DataError).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} line {lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path, DataError))
     except json.JSONDecodeError as err:
         raise DataError(f"{path} line {err.lineno}: malformed JSON ({err.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -91,8 +94,21 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        return list(csv.DictReader(io.StringIO(read_utf8(path, DataError), newline="")))
+    except csv.Error as err:
+        raise DataError(f"{path}: malformed CSV ({err})") from None
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install 'gpt3zh[data]'), or export it to JSONL") from None
+    try:
+        return pq.read_table(path).to_pylist()
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise DataError(f"{path}: cannot read as parquet ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def _read_datasets_dir(path: Path) -> list[dict[str, Any]]:
@@ -110,18 +126,33 @@ def _read_datasets_dir(path: Path) -> list[dict[str, Any]]:
 
 
 def detect_mode(rows: list[dict[str, Any]], where: str) -> str:
-    """'prompt' when the rows have tgt_txt, 'continuation' when only src_txt; checks every row."""
-    mode = "prompt" if TGT in rows[0] else "continuation"
+    """'prompt' when every row has tgt_txt, 'continuation' when none has, 'mixed' otherwise.
+
+    Mixed files are handled per row, as ModelScope's preprocessor treats each row: a row with
+    tgt_txt trains its target (prompt masked), a row without (absent or null) trains all its tokens.
+    Every row is checked: src_txt must be a string, tgt_txt a string when present.
+    """
+    with_tgt = 0
     for i, row in enumerate(rows, 1):
-        for col in (SRC, TGT) if mode == "prompt" else (SRC,):
-            if col not in row:
-                raise DataError(
-                    f"{where}: row {i} has no column {col!r} (columns: {', '.join(map(str, row))}); "
-                    f"rename one with dataset.remap_columns, e.g. {{text1: {col}}}"
-                )
+        if SRC not in row:
+            raise DataError(
+                f"{where}: row {i} has no column {SRC!r} (columns: {', '.join(map(str, row))}); "
+                f"rename one with dataset.remap_columns, e.g. {{text1: {SRC}}}"
+            )
+        for col in (SRC, TGT) if _has_target(row) else (SRC,):
             if not isinstance(row[col], str):
                 raise DataError(f"{where}: row {i} column {col!r} must be a string, got {type(row[col]).__name__}")
-    return mode
+        with_tgt += _has_target(row)
+    return "prompt" if with_tgt == len(rows) else "continuation" if with_tgt == 0 else "mixed"
+
+
+def _has_target(row: dict[str, Any]) -> bool:
+    return row.get(TGT) is not None
+
+
+def first_row_without_target(rows: list[dict[str, Any]]) -> int | None:
+    """1-based index of the first row with no tgt_txt (for errors about prompt->target metrics)."""
+    return next((i for i, r in enumerate(rows, 1) if not _has_target(r)), None)
 
 
 def rows_from_dataset(data: Any, where: str = "dataset") -> list[dict[str, Any]]:
@@ -161,8 +192,9 @@ class TokenRows:
     starts: np.ndarray  # (R,) int64, first trained label position of each row
     chars: np.ndarray  # (R,) int64, characters of the trained text (src, or tgt in prompt mode); a row cut
     # at sequence_length counts the kept share of its tokens' characters
-    mode: str
+    mode: str  # "continuation" | "prompt" | "mixed" (per row: a row with a target trains only that)
     truncated: int  # rows cut at sequence_length
+    with_target: int = 0  # rows tokenized as prompt -> target
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -180,22 +212,29 @@ class TokenRows:
         return np.maximum(self.lengths - 1 - self.starts, 0)
 
 
-def tokenize_rows(rows: list[dict[str, Any]], tok, sequence_length: int, mode: str) -> TokenRows:
-    src = _encode_all(tok, [r[SRC] for r in rows])
-    tgt = _encode_all(tok, [r[TGT] for r in rows]) if mode == "prompt" else None
+def tokenize_rows(
+    rows: list[dict[str, Any]], tok, sequence_length: int, mode: str, progress: bool | None = False
+) -> TokenRows:
+    """Token rows of `rows`. mode "continuation" ignores tgt_txt, "prompt" uses it in every row, and
+    "mixed" per row (where present). progress: a bar on stderr (None: only when it is a terminal)."""
+    prompt = [mode == "prompt" or (mode == "mixed" and _has_target(r)) for r in rows]
+    src = _encode_all(tok, [r[SRC] for r in rows], progress, "tokenizing")
+    tgt_rows = [i for i, p in enumerate(prompt) if p]
+    tgt = dict(zip(tgt_rows, _encode_all(tok, [rows[i][TGT] for i in tgt_rows], progress, "tokenizing targets")))
     sep = tok.sep_id
     seqs, starts, chars, truncated = [], [], [], 0
     for i, s in enumerate(src):
-        t = s + (tgt[i] if tgt is not None else []) + [sep]
+        is_prompt = prompt[i]
+        t = s + tgt.get(i, []) + [sep]
         t_full = t
         truncated += len(t) > sequence_length
         t = t[:sequence_length]
         prompts_len = min(len(s), sequence_length)
-        # §8.2: prompt mode trains [prompts_len - 1, inputs_len - 1); continuation trains all labels.
-        starts.append(max(prompts_len - 1, 0) if mode == "prompt" else 0)
-        text_chars = len(rows[i][TGT] if mode == "prompt" else rows[i][SRC])
-        text_tokens = len(t_full) - 1 - (len(s) if mode == "prompt" else 0)  # the trained text's tokens
-        kept_tokens = len(t) - (prompts_len if mode == "prompt" else 0)
+        # §8.2: prompt rows train [prompts_len - 1, inputs_len - 1); continuation rows train all labels.
+        starts.append(max(prompts_len - 1, 0) if is_prompt else 0)
+        text_chars = len(rows[i][TGT] if is_prompt else rows[i][SRC])
+        text_tokens = len(t_full) - 1 - (len(s) if is_prompt else 0)  # the trained text's tokens
+        kept_tokens = len(t) - (prompts_len if is_prompt else 0)
         if len(t_full) > sequence_length and text_tokens > 0:
             # a cut row is scored on part of its text only: count that part's share of the characters
             text_chars = round(text_chars * max(min(kept_tokens, text_tokens), 0) / text_tokens)
@@ -204,7 +243,8 @@ def tokenize_rows(rows: list[dict[str, Any]], tok, sequence_length: int, mode: s
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(t) for t in seqs])
     ids = np.fromiter((x for t in seqs for x in t), dtype=np.int32, count=int(offsets[-1]))
-    return TokenRows(ids, offsets, np.array(starts, np.int64), np.array(chars, np.int64), mode, truncated)
+    return TokenRows(ids, offsets, np.array(starts, np.int64), np.array(chars, np.int64), mode, truncated,
+                     len(tgt_rows))
 
 
 def tokenize_dataset(data: Any, tok, sequence_length: int, where: str = "dataset") -> TokenRows:
@@ -213,10 +253,24 @@ def tokenize_dataset(data: Any, tok, sequence_length: int, where: str = "dataset
     return tokenize_rows(rows, tok, sequence_length, detect_mode(rows, where))
 
 
-def _encode_all(tok, texts: list[str]) -> list[list[int]]:
-    if hasattr(tok, "encode_batch"):
-        return [list(ids) for ids in tok.encode_batch(texts)]
-    return [list(tok.encode(t)) for t in texts]
+_ENCODE_CHUNK = 4096  # rows per encode_batch call: big enough to keep the batch encoder busy
+
+
+def _encode_all(tok, texts: list[str], progress: bool | None = False, desc: str = "") -> list[list[int]]:
+    from tqdm.auto import tqdm
+
+    out: list[list[int]] = []
+    # tqdm's disable=None: draw only when stderr is a terminal, so logs never get \r-garbage
+    with tqdm(total=len(texts), desc=desc, unit="row", disable=None if progress is None else not progress,
+              leave=False) as bar:
+        for i in range(0, len(texts), _ENCODE_CHUNK):
+            chunk = texts[i : i + _ENCODE_CHUNK]
+            if hasattr(tok, "encode_batch"):
+                out += [list(ids) for ids in tok.encode_batch(chunk)]
+            else:
+                out += [list(tok.encode(t)) for t in chunk]
+            bar.update(len(chunk))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- caching
@@ -254,6 +308,7 @@ def load_token_rows(
     remap_columns: dict[str, str] | None = None,
     cache_dir: str | Path | None = None,
     tokenizer_id: str | None = None,
+    progress: bool | None = False,
 ) -> TokenRows:
     """Read, check and tokenize a data file once; later calls load the cached arrays."""
     key = None
@@ -265,7 +320,7 @@ def load_token_rows(
         if cached.is_file():
             return _load_cache(cached)
     rows = read_rows(path, remap_columns)
-    data = tokenize_rows(rows, tok, sequence_length, detect_mode(rows, str(path)))
+    data = tokenize_rows(rows, tok, sequence_length, detect_mode(rows, str(path)), progress)
     if key is not None:
         _save_cache(data, Path(cache_dir) / f"tokens-{key}.npz")
     return data
@@ -275,17 +330,24 @@ def _save_cache(data: TokenRows, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, ids=data.ids, offsets=data.offsets, starts=data.starts, chars=data.chars,
-             meta=np.array(json.dumps({"mode": data.mode, "truncated": data.truncated})))
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, dest)  # atomic: a crash never leaves a half-written cache
+             meta=np.array(json.dumps({"mode": data.mode, "truncated": data.truncated,
+                                       "with_target": data.with_target})))
+    with writing(dest):
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf.getvalue())
+            os.replace(tmp, dest)  # atomic: a crash never leaves a half-written cache
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _load_cache(path: Path) -> TokenRows:
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
-        return TokenRows(z["ids"], z["offsets"], z["starts"], z["chars"], meta["mode"], meta["truncated"])
+        return TokenRows(z["ids"], z["offsets"], z["starts"], z["chars"], meta["mode"], meta["truncated"],
+                         meta["with_target"])
 
 
 # --------------------------------------------------------------------------------------- batching

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
@@ -47,6 +46,8 @@ from .loop import Trainer
 from .loop.trainer import (
     CKPT_DIR,
     STATE_FILE,
+    _discard,
+    _output_name,
     _rng_state,
     _set_rng_state,
     _step_name,
@@ -144,9 +145,9 @@ class DistributedTrainer(Trainer):
             torch.save({"scaler": scaler.state_dict(), "rng": _rng_state(), "step": step}, tmp / STATE_FILE)
             meta = {"step": step, "eval": last_eval, "config": self.cfg.to_dict(),
                     "parallel": {"dp": self.dims.dp, "tp": self.dims.tp}}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+            self.write_checkpoint_files(tmp, meta)
             if dest.exists():
-                shutil.rmtree(dest)
+                _discard(dest)
             os.replace(tmp, dest)
             best = self.record_best(ckpt_dir, step, last_eval, best)
         dist.barrier()  # nobody reads or overwrites a checkpoint that is still being renamed
@@ -188,7 +189,7 @@ class DistributedTrainer(Trainer):
             whole.load_state_dict(sd, assign=True)
             shards = self.cfg.megatron.checkpoint_tensor_model_parallel_size or self.dims.tp
             for fmt in self.cfg.train.export_formats:
-                dest = self.work_dir / ("output" if fmt == "gpt3zh" else f"output_{fmt}")
+                dest = self.work_dir / _output_name(fmt)
                 tp = shards if fmt == "megatron" else 1
                 save_model(whole, dest, format=fmt, tp=tp, tokenizer=tok, overwrite=True, generation=self.generation)
                 out = out or dest

@@ -47,10 +47,14 @@ class PPLAccumulator:
 
     def result(self) -> dict[str, float]:
         loss = self.nll_sum / self.tokens if self.tokens else float("nan")
-        out = {"loss": loss, "ppl": math.exp(loss) if self.tokens else float("nan"), "tokens": self.tokens}
+        out = {"loss": loss, "ppl": _exp(loss) if self.tokens else float("nan"), "tokens": self.tokens}
         if self.ms_rows:
-            out["ppl_modelscope"] = math.exp(self.ms_loss_sum / self.ms_rows)
+            out["ppl_modelscope"] = _exp(self.ms_loss_sum / self.ms_rows)
         return out
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709.0 or math.isnan(x) else math.inf  # math.exp raises past ~709.78
 
 
 # -------------------------------------------------------------------------------------- text metrics

@@ -9,6 +9,12 @@ The parts a parallel trainer replaces are methods with one job each: `build_mode
 environment), `all_reduce_sum`, `save_checkpoint` / `load_checkpoint`, `export`. The data
 position is a pure function of the global step (batches come from `epoch_batches(seed, epoch)`),
 so resume needs only the step, the model, the optimizer, the loss scaler and the RNG state.
+
+Failure rules: a work_dir holding another run is refused (unless resumed or `train.overwrite`);
+what a killed run left half-written is cleaned at start; checkpoints and exports are written to a
+temp dir and renamed, so a crash or a full disk never damages an earlier one; resume falls back
+past an unreadable newest checkpoint; a non-finite loss or gradient stops the run before its
+update is applied, leaving the last checkpoint as the last good state.
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +36,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...checkpoint.errors import CheckpointError
+from ...checkpoint.files import load_torch, recover_output_dir, save_torch
 from ...config import ConfigError, GenerationDefaults, GPTConfig
+from ...failpoints import failpoint
+from ...fileio import describe_os_error, writing
 from ...model import GPT
-from ..config import TrainConfig
+from ..config import EXPORT_FORMATS, TrainConfig
 from ..data import (
     Batch,
     TokenRows,
     collate,
     epoch_batches,
+    first_row_without_target,
     load_token_rows,
     read_rows,
     shard,
@@ -46,6 +60,17 @@ from ..schedules import lr_factor
 CKPT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
 LOG_FILE = "train_log.jsonl"
+CHECKPOINT_TAG = "gpt3zh-train"  # config.json "format" of a checkpoint dir (checkpoint.formats reads it)
+
+
+class TrainingError(ValueError):
+    """The run cannot go on (it diverged, or a checkpoint cannot be resumed); the message says why
+    and what to do. A ValueError, so the command line prints it as one line."""
+
+
+def note(message: str) -> None:
+    """A line for the person running the job, on stderr (stdout ends with the JSON summary)."""
+    print(f"gpt3zh train: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -96,13 +121,10 @@ class Trainer:
         """A fresh preset model (seeded init) or the model directory's weights, on self.device."""
         if self.cfg.model.preset is not None:
             model = GPT(gpt_cfg)
-            # a fine-tuned model ends its answers with <sep>: make that the saved stop token
-            self.generation = GenerationDefaults(eod_id=self.tok.sep_id)
         else:
-            from ...checkpoint import load_pretrained
+            from ...checkpoint import load_model
 
-            loaded = load_pretrained(self.cfg.model.path)
-            model, self.generation = loaded.model, loaded.generation
+            model = load_model(self.cfg.model.path)  # its generation defaults: self.generation
         model = model.to(self.device)
         if self.cfg.train.param_dtype == "bf16":
             model = model.to(torch.bfloat16)
@@ -128,27 +150,54 @@ class Trainer:
         return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 
     def save_checkpoint(self, state: dict[str, Any], dest: Path) -> None:
-        """Write state into dest atomically: a temp dir, then one rename."""
+        """Write state into dest atomically: a temp dir, then one rename (a crash or a full disk
+        leaves only the temp dir, removed here on failure or at the next start)."""
+        with self.staging(dest) as tmp:
+            save_torch(state["train"], tmp / STATE_FILE, clone_views=False)  # state dicts hold no views
+            self.write_checkpoint_files(tmp, state["meta"])
+
+    @contextlib.contextmanager
+    def staging(self, dest: Path):
+        """A fresh temp dir beside dest; on success it replaces dest in one rename."""
         tmp = dest.parent / f".tmp-{dest.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        torch.save(state["train"], tmp / STATE_FILE)
-        (tmp / "meta.json").write_text(json.dumps(state["meta"], indent=2, ensure_ascii=False))
-        if dest.exists():  # re-saving the same step (e.g. after resume): replace it whole
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        try:
+            with writing(dest, name_this=True):
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                yield tmp
+                failpoint("checkpoint.write")
+                if dest.exists():  # re-saving the same step (e.g. after resume): replace it whole
+                    _discard(dest)
+                os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def write_checkpoint_files(self, tmp: Path, meta: dict[str, Any]) -> None:
+        """meta.json, and what makes the checkpoint a model directory of its own (config.json, the
+        tokenizer), so load_model / eval / export take it directly."""
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        config = {"format": CHECKPOINT_TAG, "model": self.gpt_cfg.to_dict(), "generation": self.generation.to_dict()}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        self.tok.save(tmp)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        """The training state at `path` (weights only; an unreadable file is a CheckpointError)."""
+        state = load_torch(path / STATE_FILE, "training checkpoint", mmap=False)  # resumed state is written to
+        missing = {"model", "optimizer", "scaler", "rng", "step"} - set(state if isinstance(state, dict) else ())
+        if missing:
+            raise CheckpointError(f"{path / STATE_FILE}: not a training state (no {', '.join(sorted(missing))})")
+        return state
 
     def export(self, model: torch.nn.Module, tok) -> Path | None:
         from ...checkpoint import save_model
 
         if not self.is_main:
             return None
+        _check_finite(model, "export")
         out = None
         for fmt in self.cfg.train.export_formats:
-            dest = self.work_dir / ("output" if fmt == "gpt3zh" else f"output_{fmt}")
+            dest = self.work_dir / _output_name(fmt)
             save_model(model, dest, format=fmt, tokenizer=tok, overwrite=True, generation=self.generation)
             out = out or dest
         return out
@@ -157,6 +206,8 @@ class Trainer:
     def prepare(self) -> None:
         """Every check that can fail on user input, before any training work."""
         cfg = self.cfg
+        if self.is_main:
+            self.prepare_work_dir()
         self.gpt_cfg = self.model_config()
         L = cfg.preprocessor.sequence_length
         if L > self.gpt_cfg.max_seq_len:
@@ -170,20 +221,28 @@ class Trainer:
                 f"tokenizer {tok_source}: vocab_size {self.tok.vocab_size} exceeds the model's "
                 f"vocab_size {self.gpt_cfg.vocab_size}"
             )
+        self.generation = self.generation_defaults()
         tok_id = tokenizer_fingerprint(self.tok, tok_source)
+        progress = _progress_setting(cfg.train.progress_bar, self.is_main)
         load = lambda p: load_token_rows(
-            p, self.tok, L, cfg.dataset.remap_columns, self.work_dir / "cache", tok_id
+            p, self.tok, L, cfg.dataset.remap_columns, self.work_dir / "cache", tok_id, progress
         )
         self.train_data: TokenRows = load(cfg.dataset.train)
         if int(self.train_data.trained_tokens.sum()) == 0:
             raise ConfigError(f"dataset.train {cfg.dataset.train}: no trainable tokens after preprocessing")
         self.eval_data: TokenRows | None = load(cfg.dataset.eval) if cfg.dataset.eval else None
+        if self.eval_data is not None and int(self.eval_data.trained_tokens.sum()) == 0:
+            raise ConfigError(f"dataset.eval {cfg.dataset.eval}: no token to score (every row is empty after preprocessing)")
         self.eval_rows = None
         wants_text = {"rouge", "bleu"} & set(cfg.evaluation.metrics)
         if wants_text and self.eval_data is not None:
-            if self.eval_data.mode != "prompt":
-                raise ConfigError("evaluation.metrics rouge/bleu need prompt->target eval data (a tgt_txt column)")
             self.eval_rows = read_rows(cfg.dataset.eval, cfg.dataset.remap_columns)
+            if self.eval_data.mode != "prompt":
+                row = first_row_without_target(self.eval_rows)
+                raise ConfigError(
+                    f"evaluation.metrics rouge/bleu need prompt->target eval data: dataset.eval {cfg.dataset.eval} "
+                    f"row {row} has no tgt_txt"
+                )
         # Rows with no trained label (a prompt that fills sequence_length) add nothing to the loss
         # or its normaliser, so they are left out of the batches instead of costing a forward.
         self.train_rows = np.flatnonzero(self.train_data.trained_tokens > 0)
@@ -192,6 +251,53 @@ class Trainer:
         accum = cfg.train.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
         self.total_steps = cfg.train.max_steps or cfg.train.max_epochs * self.steps_per_epoch
+        d = self.train_data
+        if self.is_main and d.mode == "mixed":
+            note(f"dataset.train {cfg.dataset.train}: {d.with_target} of {len(d)} rows have tgt_txt and train their "
+                 f"target only; the other {len(d) - d.with_target} train all their tokens (ModelScope's rule per row)")
+
+    def generation_defaults(self) -> GenerationDefaults:
+        """What the checkpoints and the export say about generation: a fine-tuned directory keeps its
+        own; a model trained from a preset learns to end its answers with <sep>, its stop token."""
+        if self.cfg.model.preset is not None:
+            return GenerationDefaults(eod_id=self.tok.sep_id)
+        from ...checkpoint import describe
+
+        return describe(self.cfg.model.path).generation
+
+    # ---------------------------------------------------------------------------------- work_dir
+    def prepare_work_dir(self) -> None:
+        """Main rank, before any training work: the work_dir is writable, what a killed run left
+        half-written is cleaned up, and another run's files are never mixed with this one's."""
+        wd, t = self.work_dir, self.cfg.train
+        if wd.exists() and not wd.is_dir():
+            raise ConfigError(f"train.work_dir {wd}: exists and is not a directory")
+        try:
+            wd.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=wd).close()  # EACCES / EROFS show here, not at the first save
+        except OSError as err:
+            raise ConfigError(f"train.work_dir {wd}: cannot be written ({describe_os_error(err)})") from None
+        removed = _clean_stale(wd)
+        if removed:
+            note(f"removed what an interrupted run left half-written: {', '.join(str(p) for p in removed)}")
+        previous = _run_files(wd)
+        if t.resume is False and previous:
+            if not t.overwrite:
+                raise ConfigError(
+                    f"train.work_dir {wd} already holds a run ({', '.join(p.name for p in previous)}); continue it "
+                    f"with train.resume=true, replace it with train.overwrite=true, or choose another train.work_dir"
+                )
+            for path in previous:
+                _discard(path)
+            note(f"train.overwrite=true: removed the previous run in {wd} ({', '.join(p.name for p in previous)})")
+        elif t.resume not in (True, False):
+            resumed = _step_of(Path(t.resume))
+            newer = [c for c in _checkpoints(wd / CKPT_DIR) if resumed is not None and _step_of(c) > resumed]
+            if newer:
+                raise ConfigError(
+                    f"train.resume={t.resume}: {wd / CKPT_DIR} holds later checkpoints ({newer[-1].name}), which "
+                    f"would mix with this run; resume the latest with train.resume=true, or use another train.work_dir"
+                )
 
     def micro_batches(self, step: int) -> list[Batch]:
         """This rank's micro-batches of global optimizer step `step` (0-based)."""
@@ -221,42 +327,52 @@ class Trainer:
         optimizer = self.build_optimizer(model)
         scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
         step = self.maybe_resume(model, optimizer, scaler)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
         log = RunLog(self.work_dir, step, enabled=self.is_main)
-        self.describe_run(log)
-        bar = _progress(self.total_steps, step, enabled=t.progress_bar and self.is_main)
-        last_loss, last_eval, best = None, {}, _read_best(self.work_dir)
-        if step == 0 and cfg.evaluation.at_start and self.eval_data is not None:
-            log.eval(0, self.evaluate(model))  # the untrained start, as a baseline
-        model.train()
-        while step < self.total_steps:
-            t0 = time.perf_counter()
-            lr = t.optimizer.lr * lr_factor(t.lr_scheduler, step, self.total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, n_tok, grad_norm = self.train_step(model, optimizer, scaler, self.micro_batches(step))
-            step += 1
-            last_loss = loss
-            dt = time.perf_counter() - t0
-            log.step(step, loss=loss, lr=lr, tokens=n_tok, tokens_per_s=n_tok / dt, grad_norm=grad_norm)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:,.0f}")
-            end_of_epoch = step % self.steps_per_epoch == 0 or step == self.total_steps
-            if self._due(step, t.eval_interval, end_of_epoch) and self.eval_data is not None:
-                last_eval = self.evaluate(model)
-                log.eval(step, last_eval)
-                model.train()
-            if self._due(step, t.save_interval, end_of_epoch) or step == self.total_steps:
-                best = self.checkpoint(model, optimizer, scaler, step, last_eval, best)
-        bar.close()
+        bar = _progress(self.total_steps, step, _progress_setting(t.progress_bar, self.is_main))
+        try:
+            self.describe_run(log)
+            last_loss, last_eval, best = None, {}, _read_best(self.work_dir, step)
+            if step == 0 and cfg.evaluation.at_start and self.eval_data is not None:
+                log.eval(0, self.evaluate(model))  # the untrained start, as a baseline
+            model.train()
+            while step < self.total_steps:
+                t0 = time.perf_counter()
+                lr = t.optimizer.lr * lr_factor(t.lr_scheduler, step, self.total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss, n_tok, grad_norm = self.train_step(model, optimizer, scaler, self.micro_batches(step), step, lr)
+                step += 1
+                last_loss = loss
+                dt = time.perf_counter() - t0
+                log.step(step, loss=loss, lr=lr, tokens=n_tok, tokens_per_s=n_tok / dt, grad_norm=grad_norm)
+                failpoint("train.step")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{n_tok / dt:,.0f}")
+                end_of_epoch = step % self.steps_per_epoch == 0 or step == self.total_steps
+                # the last step always evaluates: a short run (eval_interval > max_steps) still gets its eval
+                due = self._due(step, t.eval_interval, end_of_epoch) or step == self.total_steps
+                if due and self.eval_data is not None:
+                    last_eval = self.evaluate(model)
+                    log.eval(step, last_eval)
+                    model.train()
+                if self._due(step, t.save_interval, end_of_epoch) or step == self.total_steps:
+                    best = self.checkpoint(model, optimizer, scaler, step, last_eval, best)
+        finally:
+            bar.close()
+            log.close(plot=False)
         out = self.export(model, self.tok)  # called on every rank: a parallel export gathers
-        log.close(plot=self.is_main)
+        log.plot(enabled=self.is_main)
         best_path = self.work_dir / CKPT_DIR / _step_name(best["step"]) if best else None
         return TrainResult(self.work_dir, out, step, last_loss, last_eval, best_path)
 
-    def train_step(self, model, optimizer, scaler, batches: list[Batch]) -> tuple[float, int, float | None]:
+    def train_step(
+        self, model, optimizer, scaler, batches: list[Batch], step: int = 0, lr: float = 0.0
+    ) -> tuple[float, int, float | None]:
         """One optimizer step over micro-batches; loss normalised by the step's trained tokens, so
-        k micro-batches give exactly the gradient of one batch holding all their rows."""
+        k micro-batches give exactly the gradient of one batch holding all their rows.
+
+        A non-finite loss (or, without fp16 loss scaling, gradient norm) stops the run before the
+        update is applied: the weights and the last checkpoint stay as they were."""
         n_tok = self.all_reduce_sum(sum(b.n_tokens for b in batches))
         # Data-parallel wrappers average gradients over ranks; multiplying by world undoes that,
         # leaving sum-over-all-tokens / all-tokens.
@@ -268,16 +384,28 @@ class Trainer:
                 loss_sum = self.loss_sum(model, batch)
             scaler.scale(loss_sum * scale).backward()
             total += float(loss_sum.detach())
+        loss = self.all_reduce_sum(total) / n_tok if n_tok else 0.0  # ModelScope: empty mask -> 0
+        if not math.isfinite(loss):
+            self.diverged(f"the loss is {loss}", step, lr)
         grad_norm = None
         clip = self.cfg.train.optimizer.options.grad_clip.max_norm
         if clip is not None:
             scaler.unscale_(optimizer)
             grad_norm = self.clip_grad_norm(model, clip)
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such steps itself
+                self.diverged(f"the gradient norm is {grad_norm}", step, lr)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        loss = self.all_reduce_sum(total) / n_tok if n_tok else 0.0  # ModelScope: empty mask -> 0
         return loss, n_tok, grad_norm
+
+    def diverged(self, what: str, step: int, lr: float):
+        last = _latest(self.work_dir / CKPT_DIR)
+        raise TrainingError(
+            f"{what} at step {step + 1} (lr {lr:.3g}): training diverged and stopped before that step's update; "
+            f"nothing was exported; the last checkpoint is {last or 'none (none was saved)'}; lower "
+            f"train.optimizer.lr (or keep train.optimizer.options.grad_clip on) and resume or start again"
+        )
 
     def evaluate(self, model) -> dict[str, Any]:
         from ...evaluation import evaluate_generation, evaluate_ppl
@@ -299,6 +427,7 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- checkpoints
     def checkpoint(self, model, optimizer, scaler, step: int, last_eval: dict, best: dict | None):
+        _check_finite(model, f"checkpoint at step {step}")
         ckpt_dir = self.work_dir / CKPT_DIR
         state = {
             "train": {
@@ -316,17 +445,62 @@ class Trainer:
         return best
 
     def maybe_resume(self, model, optimizer, scaler) -> int:
-        path = self.resume_path()
-        if path is None:
-            return 0
+        """The step to start from; with resume=true the newest checkpoint that can be read (an
+        unreadable one, e.g. cut short by a full disk, is skipped with a note)."""
+        candidates, skipped = self.resume_candidates(), []
+        for path in candidates:
+            try:
+                state = self.load_checkpoint(path)
+            except CheckpointError as err:
+                if self.cfg.train.resume is not True:
+                    raise
+                skipped.append(f"{path.name}: {str(err).splitlines()[0].removeprefix(f'{path / STATE_FILE}: ')}")
+                note(f"train.resume: {path / STATE_FILE} cannot be read; falling back to the checkpoint before it")
+                continue
+            self.check_resumable(path, state, model)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            _set_rng_state(state["rng"])
+            if self.is_main:
+                note(f"resuming from {path} (step {int(state['step'])})")
+            return int(state["step"])
+        if skipped:
+            raise TrainingError(f"train.resume=true: no checkpoint under {self.work_dir / CKPT_DIR} can be read "
+                                f"({'; '.join(skipped)})")
+        if self.cfg.train.resume is True and self.is_main:
+            note(f"train.resume=true: no checkpoint in {self.work_dir / CKPT_DIR} yet; starting at step 0")
+        return 0
+
+    def check_resumable(self, path: Path, state: dict, model) -> None:
+        """The checkpoint fits this model and this run's length (one line naming what differs)."""
+        from ...checkpoint.tables import compare_keys
+
+        found = {k: tuple(v.shape) for k, v in state["model"].items()}
+        problems = compare_keys(found, {k: v.shape for k, v in model.state_dict().items()})
+        if problems:
+            first = problems[0] if len(problems[0]) <= 160 else problems[0][:157] + "..."
+            raise TrainingError(
+                f"train.resume: {path / STATE_FILE} was saved for another model architecture ({first}); resume "
+                f"with the model config it was trained with, or start a new train.work_dir"
+            )
+        if int(state["step"]) > self.total_steps:
+            raise TrainingError(
+                f"train.resume: {path} is at step {int(state['step'])}, past this run's last step {self.total_steps} "
+                f"(train.max_steps / max_epochs); raise it, or start a new train.work_dir"
+            )
+
+    def resume_candidates(self) -> list[Path]:
+        """Checkpoints to try, newest first: every one in work_dir for resume=true, else the one named."""
+        resume = self.cfg.train.resume
+        if resume is False:
+            return []
+        if resume is True:
+            return _checkpoints(self.work_dir / CKPT_DIR)[::-1]
+        path = Path(resume)
         if not (path / STATE_FILE).is_file():
             raise FileNotFoundError(f"train.resume: {path} is not a checkpoint (no {STATE_FILE})")
-        state = self.load_checkpoint(path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        return int(state["step"])
+        return [path]
 
     def record_best(self, ckpt_dir: Path, step: int, last_eval: dict, best: dict | None) -> dict | None:
         """After a checkpoint is in place (main rank): update best.json, prune, return the best."""
@@ -334,18 +508,13 @@ class Trainer:
         if ppl is not None and math.isfinite(ppl) and (best is None or ppl < best["ppl"]):
             best = {"step": step, "ppl": ppl}
             _atomic_write(ckpt_dir / "best.json", json.dumps(best))
-        _prune(ckpt_dir, self.cfg.train.keep_last, best)
+        _prune(ckpt_dir, self.cfg.train.keep_last, best, step)
         return best
 
     def resume_path(self) -> Path | None:
-        """The checkpoint `train.resume` names (true: the latest), or None to start fresh."""
-        resume = self.cfg.train.resume
-        if resume is False:
-            return None
-        path = _latest(self.work_dir / CKPT_DIR) if resume is True else Path(resume)
-        if path is None:
-            raise FileNotFoundError(f"train.resume: no checkpoint under {self.work_dir / CKPT_DIR}")
-        return path
+        """The checkpoint to resume (resume=true: the newest), or None to start at step 0."""
+        candidates = self.resume_candidates()
+        return candidates[0] if candidates else None
 
     # ------------------------------------------------------------------------------------ helpers
     @staticmethod
@@ -360,6 +529,7 @@ class Trainer:
         )
         info = {
             "rows": len(d), "mode": d.mode, "trained_tokens": int(d.trained_tokens.sum()),
+            "rows_with_target": d.with_target,
             "rows_without_trained_tokens": len(d) - len(self.train_rows),
             "truncated_rows": d.truncated, "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps, "device": str(self.device), "params": est["params"],
@@ -399,8 +569,9 @@ class RunLog:
             print("gpt3zh train: tensorboard is not installed (pip install 'gpt3zh[train]'); no event files")
 
     def _write(self, record: dict) -> None:
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.file.flush()
 
     def info(self, info: dict) -> None:
         if self.enabled:
@@ -425,19 +596,32 @@ class RunLog:
                 self.tb.add_scalar(f"eval/{k}", v, step)
 
     def close(self, plot: bool = True) -> None:
-        if not self.enabled:
+        if not self.enabled or self.file.closed:
             return
         self.file.close()
         if self.tb is not None:
             self.tb.close()
         if plot:
+            self.plot()
+
+    def plot(self, enabled: bool = True) -> None:
+        if self.enabled and enabled:
             plot_loss_curve(self.path, self.path.parent / "loss_curve.png")
 
 
 def read_log(path: Path) -> list[dict]:
+    """The log's records; a last line cut short (the process was killed mid-write) is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise TrainingError(f"{path} line {i + 1}: not a JSON record; remove the line or the file") from None
+    return records
 
 
 def _truncate_log(path: Path, start_step: int) -> None:
@@ -468,21 +652,35 @@ def plot_loss_curve(log_path: Path, dest: Path) -> Path | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = dest.with_name(f".tmp-{dest.name}")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, dest)
+    try:
+        with writing(dest, name_this=True):
+            fig.savefig(tmp, format="png", dpi=100)
+            os.replace(tmp, dest)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return dest
 
 
 # ------------------------------------------------------------------------------- small utilities
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
 def _step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def _step_of(path: Path) -> int | None:
+    m = _STEP_DIR.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
 def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Step checkpoints (a state.pt in place), oldest first by step number, not by name."""
     if not ckpt_dir.is_dir():
         return []
-    return sorted(p for p in ckpt_dir.glob("step-*") if (p / STATE_FILE).is_file())
+    found = [p for p in ckpt_dir.iterdir() if _step_of(p) is not None and (p / STATE_FILE).is_file()]
+    return sorted(found, key=_step_of)
 
 
 def _latest(ckpt_dir: Path) -> Path | None:
@@ -490,24 +688,97 @@ def _latest(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _read_best(work_dir: Path) -> dict | None:
+def _read_best(work_dir: Path, start_step: int) -> dict | None:
+    """best.json, if it names a checkpoint of this run's past (a later one was abandoned on resume)."""
     p = work_dir / CKPT_DIR / "best.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    try:
+        best = json.loads(p.read_text()) if p.is_file() else None
+        step = int(best["step"]) if best else None
+    except (ValueError, KeyError, TypeError):
+        return None  # unreadable: the next eval writes a new one
+    if step is None or step > start_step or not (work_dir / CKPT_DIR / _step_name(step) / STATE_FILE).is_file():
+        return None
+    return best
 
 
-def _prune(ckpt_dir: Path, keep_last: int, best: dict | None) -> None:
-    """Keep the newest `keep_last` step checkpoints and the best one."""
+def _prune(ckpt_dir: Path, keep_last: int, best: dict | None, step: int) -> None:
+    """Keep the newest `keep_last` checkpoints up to `step` and the best one.
+
+    A checkpoint is first renamed out of the step-* namespace, then deleted: a kill in between
+    leaves a .trash-* dir (removed at the next start), never a half-deleted step-* one.
+    """
     keep_best = _step_name(best["step"]) if best else None
-    for p in _checkpoints(ckpt_dir)[:-keep_last]:
+    past = [p for p in _checkpoints(ckpt_dir) if _step_of(p) <= step]
+    for p in past[:-keep_last]:
         if p.name != keep_best:
-            shutil.rmtree(p)
+            _discard(p)
+
+
+def _discard(path: Path) -> None:
+    trash = path.with_name(f".trash-{path.name}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    path.rename(trash)
+    failpoint("checkpoint.prune")
+    if trash.is_dir():
+        shutil.rmtree(trash)
+    else:
+        trash.unlink()
+
+
+def _output_name(fmt: str) -> str:
+    return "output" if fmt == "gpt3zh" else f"output_{fmt}"
+
+
+def _run_files(work_dir: Path, all_names: bool = False) -> list[Path]:
+    """What a run leaves in work_dir (the token cache aside, which is keyed by content); with
+    all_names, every such path whether it exists or not."""
+    names = [CKPT_DIR, LOG_FILE, "tb", "loss_curve.png", *(_output_name(f) for f in EXPORT_FORMATS)]
+    if all_names:
+        return [work_dir / n for n in names]
+    found = [work_dir / n for n in names if (work_dir / n).exists()]
+    ckpt = work_dir / CKPT_DIR
+    if ckpt in found and not any(_step_of(p) is not None for p in ckpt.iterdir()):
+        found.remove(ckpt)  # no checkpoint in it (a best.json of nothing is ignored by _read_best)
+    return found
+
+
+def _clean_stale(work_dir: Path) -> list[Path]:
+    """Remove what a killed run left half-written; return what was removed (main rank only: the
+    work_dir belongs to this run). Only names this trainer writes are touched."""
+    ckpt = work_dir / CKPT_DIR
+    stale = [p for p in (ckpt.iterdir() if ckpt.is_dir() else ())
+             if p.name.startswith((".tmp-", ".trash-")) or (_step_of(p) is not None and not (p / STATE_FILE).is_file())]
+    for name in (p.name for p in _run_files(work_dir, all_names=True)):
+        stale += [work_dir / f"{prefix}{name}" for prefix in (".tmp-", ".trash-") if (work_dir / f"{prefix}{name}").exists()]
+    stale += list((work_dir / "cache").glob(".tmp-*.npz"))
+    for p in sorted(stale):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    removed = sorted(stale)
+    for fmt in EXPORT_FORMATS:
+        removed += recover_output_dir(work_dir / _output_name(fmt))
+    return removed
+
+
+def _check_finite(model: torch.nn.Module, what: str) -> None:
+    """A guard before weights are written: nothing non-finite is ever saved as a good state."""
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not bool(p.isfinite().all())]
+    if bad:
+        raise TrainingError(
+            f"{what}: the weights hold NaN or infinite values ({bad[0]}, {len(bad)} tensors); nothing was written; "
+            f"lower train.optimizer.lr (or keep train.optimizer.options.grad_clip on)"
+        )
 
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with writing(path, name_this=True):
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -523,7 +794,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress_setting(setting, is_main: bool) -> bool | None:
+    """train.progress_bar as tqdm's disable flag wants it: None = only when stderr is a terminal."""
+    return False if not is_main else None if setting == "auto" else bool(setting)
+
+
+def _progress(total: int, initial: int, enabled: bool | None):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+    disable = None if enabled is None else not enabled  # tqdm: None disables on a non-terminal
+    return tqdm(total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True)
