@@ -190,7 +190,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the weights (default: keep)")
     for f in dataclasses.fields(ServeConfig):  # the remaining flags are ServeConfig's fields
-        kind = int if f.type in ("int", "int | None") else str
+        kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
         flag = "--" + f.name.replace("_", "-")
         shown = "" if f.default is None else f" (default: {f.default})"
         p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + shown)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import secrets
@@ -84,11 +85,13 @@ def create_app(model: GPT | InferenceModel, tokenizer: Tokenizer, config: ServeC
         finally:
             server.stop()
 
-    app = FastAPI(title="gpt3zh", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="gpt3zh", summary="OpenAI-compatible completions for ModelScope's Chinese GPT-3 models",
+                  lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = functools.partial(_openapi, app)
     app.state.server = server
     _add_error_handlers(app)
     _add_routes(app, server)
-    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)  # inner: runs after metrics start timing
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes, timeout=config.read_timeout)  # inner: after metrics
     app.add_middleware(_Observe, metrics=server.metrics)
     return app
 
@@ -223,16 +226,56 @@ def _requests(server: _Server, body: P._Sampling, prompts: list[list[int]], stop
 
 
 # ------------------------------------------------------------------------------------------ routes
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The error responses a route really gives, in OpenAI's error shape (for /openapi.json)."""
+    return {code: {"model": P.ErrorResponse, "description": _ERROR_TEXT[code]} for code in codes}
+
+
+_ERROR_TEXT = {400: "invalid request (OpenAI's invalid_request_error)", 401: "missing or wrong API key",
+               404: "unknown model", 408: "the body did not arrive in time", 413: "body too large",
+               415: "body is not JSON", 503: "busy (queue full; see Retry-After) or not running"}
+_GENERATION_ERRORS = _errors(400, 401, 404, 408, 413, 415, 503)
+# With stream: true, server-sent events, each `data: <a chunk as JSON>` (or an error object), then `data: [DONE]`.
+_SSE = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "description": "one server-sent event",
+    "properties": {"data": {"type": "string", "description": "a chunk (JSON), an error (JSON) or [DONE]"},
+                   "event": {"type": "string"}}}}}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with the responses the server really gives: client errors are 400s in OpenAI's
+    shape (FastAPI's own 422 validation response never occurs)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=_version(), summary=app.summary, routes=app.routes)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                operation["responses"].pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
 def _add_routes(app: FastAPI, server: _Server) -> None:
     auth = [Depends(server.check_key)]
 
-    @app.get("/health")
+    @app.get("/health", response_model=P.Health, responses=_errors(503))
     async def health():
         if server.runner is None or not server.runner.alive:
             raise APIError(503, "the engine thread is not running", type="server_error")
         return {"status": "ok", "model": server.model_id}
 
-    @app.get("/metrics", dependencies=auth)
+    @app.get("/metrics", dependencies=auth, response_class=PlainTextResponse, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+        **_errors(401)})
     async def metrics():
         return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -240,16 +283,17 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     async def playground():
         return HTMLResponse(resources.files(__package__).joinpath("playground.html").read_text("utf-8"))
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, response_model=P.ModelList, responses=_errors(401))
     async def models():
         return {"object": "list", "data": [_model_card(server)]}
 
-    @app.get("/v1/models/{name:path}", dependencies=auth)
+    @app.get("/v1/models/{name:path}", dependencies=auth, response_model=P.ModelCard, responses=_errors(401, 404))
     async def model(name: str):
         server.check_model(name)
         return _model_card(server)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, response_model=P.Completion,
+              responses={200: {"content": _SSE}, **_GENERATION_ERRORS})
     async def completions(body: P.CompletionRequest, request: Request):
         server.check_model(body.model)
         server.check_count(len(body.prompts()) * body.n)
@@ -261,7 +305,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             return _sse(stream.chunks(), handle, server)
         return await _respond(request, stream, handle, server)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=P.ChatCompletion,
+              responses={200: {"content": _SSE}, **_GENERATION_ERRORS})
     async def chat(body: P.ChatCompletionRequest, request: Request):
         server.check_model(body.model)
         ids = (await server.encode_all([P.render_chat(body.messages)], "messages"))[0]
@@ -467,20 +512,34 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 # ------------------------------------------------------------------------------------------ middleware
 class _BodyLimit:
-    """Refuse bodies over `limit` bytes with 413 before any handler reads them (pure ASGI)."""
+    """Read a POST body before any handler does (pure ASGI): refuse a non-JSON content type (415),
+    a body over `limit` bytes (413), and a body that does not arrive within `timeout` seconds (408:
+    a slow client cannot hold a connection open by trickling bytes)."""
 
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, timeout: float) -> None:
+        self.app, self.limit, self.timeout = app, limit, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        kind = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+        if kind != b"application/json":
+            return await APIError(415, f"The request body must be JSON (Content-Type: application/json), got "
+                                  f"{kind.decode('latin-1')!r}.", code="unsupported_media_type").response()(
+                scope, receive, send)
+        declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await self._too_large(scope, receive, send)
         chunks, size, more = [], 0, True
+        deadline = asyncio.get_running_loop().time() + self.timeout
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                err = APIError(408, f"The request body did not arrive within {self.timeout:g} s.",
+                               code="request_timeout", headers={"Connection": "close"})
+                return await err.response()(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -505,7 +564,8 @@ class _BodyLimit:
         await err.response()(scope, receive, send)
 
 
-_ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+_ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/openapi.json",
+           "/docs"}
 
 
 class _Observe:
@@ -517,8 +577,13 @@ class _Observe:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, status, gone = time.perf_counter(), [None], [False]
         route = scope["path"] if scope["path"] in _ROUTES else "other"
+
+        async def observed_receive():
+            message = await receive()
+            gone[0] = gone[0] or message["type"] == "http.disconnect"
+            return message
 
         async def observed_send(message):
             if message["type"] == "http.response.start":
@@ -526,9 +591,11 @@ class _Observe:
             await send(message)
 
         try:
-            await self.app(scope, receive, observed_send)
+            await self.app(scope, observed_receive, observed_send)
         finally:
-            self.metrics.count(self.metrics.requests, 1, route, str(status[0]))
+            # No response: the client went away first (499, nginx's "client closed request"), or a bug.
+            code = status[0] if status[0] is not None else 499 if gone[0] else 500
+            self.metrics.count(self.metrics.requests, 1, route, str(code))
             self.metrics.observe(self.metrics.latency, time.perf_counter() - start, route)
 
 
@@ -545,4 +612,16 @@ def serve(model: GPT | InferenceModel, tokenizer: Tokenizer, config: ServeConfig
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.Server(uvicorn_config(app, host=config.host, port=config.port, log_level="info")).run()
+
+
+def uvicorn_config(app: FastAPI, **options: Any):
+    """uvicorn's Config for the app: its HTTP protocol cuts off a client that has not sent a
+    request's headers within the server's read_timeout (uvicorn itself waits for ever)."""
+    import uvicorn
+
+    from .http import timed_protocol
+
+    timeout = app.state.server.config.read_timeout
+    options = {"timeout_graceful_shutdown": 5, "lifespan": "on", **options}
+    return uvicorn.Config(app, http=timed_protocol(timeout), **options)

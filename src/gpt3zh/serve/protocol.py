@@ -234,6 +234,24 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
