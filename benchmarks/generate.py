@@ -102,7 +102,7 @@ def main() -> None:
                 return lambda warmup=False: fn(prompts, 4 if warmup else args.new_tokens)
 
             ours = prepare(model)  # held: prepare() caches one variant per model
-            impls = {"gpt3zh": bind(lambda p, n: gpt3zh_greedy(ours, p, n))}
+            impls = {"gpt3zh": bind(lambda p, n, ours=ours: gpt3zh_greedy(ours, p, n))}
             if hf is not None:
                 impls["transformers"] = bind(lambda p, n: hf_greedy(hf, p, n))
             if "recompute" in args.baselines and batch <= args.recompute_max_batch:
@@ -110,10 +110,10 @@ def main() -> None:
             if args.ablate:
                 modules = module_steps(model)
                 plain = prepare(model, cpu_kernels=False)
-                impls["gpt3zh module steps"] = bind(lambda p, n: gpt3zh_greedy(modules, p, n))
-                impls["gpt3zh cpu_kernels=False"] = bind(lambda p, n: gpt3zh_greedy(plain, p, n))
+                impls["gpt3zh module steps"] = bind(lambda p, n, m=modules: gpt3zh_greedy(m, p, n))
+                impls["gpt3zh cpu_kernels=False"] = bind(lambda p, n, m=plain: gpt3zh_greedy(m, p, n))
                 impls["gpt3zh cache=full context"] = bind(
-                    lambda p, n: gpt3zh_greedy(model, p, n, cfg.max_seq_len))
+                    lambda p, n, m=ours: gpt3zh_greedy(m, p, n, cfg.max_seq_len))
             results = interleaved(impls, args.runs)
             ref_s, ref, _ = results["gpt3zh"]
             n = batch * args.new_tokens

@@ -57,8 +57,8 @@ def package(work: Path, dest: Path) -> None:
     tokens_seen = sum(r.get("tokens", 0) for r in steps)
     final_loss = sum(r["loss"] for r in steps[-50:]) / min(50, len(steps))
     wall = (src / "model.safetensors").stat().st_mtime - (work / "tokenizer" / "tokenizer.json").stat().st_mtime
-    cfg = model.config
-    n_params = sum(p.numel() for p in model.parameters())
+    cfg = loaded.model.config
+    n_params = sum(p.numel() for p in loaded.model.parameters())
     size_mb = (dest / "model.safetensors").stat().st_size / 1e6
     samples = "\n".join(
         f"{i + 1}. `{s['prompt']}`{s['continuation']}  ({'form ok' if s['ok'] else 'form off'})"

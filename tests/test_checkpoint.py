@@ -20,7 +20,7 @@ from gpt3zh.checkpoint import (
     load_pretrained,
     save_model,
 )
-from gpt3zh.config import PRESETS, GenerationDefaults, GPTConfig
+from gpt3zh.config import PRESETS, GenerationDefaults
 from gpt3zh.model import GPT
 
 
