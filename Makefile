@@ -8,7 +8,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 # The CPU wheel lies on the dev machines' disk; a user's existing torch in the venv is kept.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 # gpt3zh and what it needs to run: enough for `make demo`.
 $(STAMP): pyproject.toml
@@ -35,6 +35,9 @@ demo: $(STAMP)
 
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q tests
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check src tests
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from gpt3zh.cli import main
 from gpt3zh.config import PRESETS
@@ -127,3 +128,19 @@ def test_info_names_the_tokenizer_kind(tiny_config, tmp_path, capsys):
     shutil.copy(shared / "tokenizers" / "bert-base-chinese" / "vocab.txt", bert / "vocab.txt")
     assert main(["info", str(bert), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokenizer"] == "vocab.txt (BERT WordPiece)"
+
+
+def test_init_writes_a_random_preset_model(tmp_path, capsys):
+    from conftest import require_shared
+    from gpt3zh.checkpoint import describe, load_pretrained
+
+    vocab = require_shared() / "tokenizers" / "bert-base-chinese" / "vocab.txt"
+    assert main(["init", str(tmp_path / "m"), "--preset", "base", "--tokenizer", str(vocab),
+                 "--dtype", "bfloat16"]) == 0
+    assert "random base (106,289,664 parameters, bfloat16), with its tokenizer" in capsys.readouterr().out
+    info = describe(tmp_path / "m")
+    assert info.config == PRESETS["base"] and info.extra["tokenizer"].startswith("vocab.txt")
+    assert load_pretrained(tmp_path / "m").model.tok_emb.weight.dtype == torch.bfloat16
+    jieba = require_shared() / "modelscope-gpt3-1.3B"
+    assert main(["init", str(tmp_path / "x"), "--preset", "base", "--tokenizer", str(jieba)]) == 2
+    assert "51200 ids, more than preset base's vocab_size 25600" in capsys.readouterr().err

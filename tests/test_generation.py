@@ -272,3 +272,20 @@ def test_invalid_options(model, options, message):
 def test_invalid_prompts(model, prompts, message):
     with pytest.raises(ValueError, match=message):
         generate(model, prompts)
+
+
+def test_a_loaded_model_directory_starts_from_its_defaults(model, tmp_path):
+    # As transformers' generate starts from generation_config.json: load_pretrained's result brings
+    # the directory's stop ids and sampling settings; a bare GPT starts greedy with no stop id.
+    from gpt3zh.checkpoint import load_pretrained, save_model
+    from gpt3zh.config import GenerationDefaults
+
+    free = generate(model, ROWS, max_new_tokens=10)
+    eos = free[1][len(ROWS[1]) + 2]
+    save_model(model, tmp_path / "m", generation=GenerationDefaults(eod_id=eos, top_k=1, tokens_to_generate=10))
+    loaded = load_pretrained(tmp_path / "m")
+    got = generate(loaded, ROWS)
+    assert got == generate(model, ROWS, max_new_tokens=10, eos_token_id=eos)
+    assert got[1][-1] == eos and len(got[1]) < len(free[1])
+    assert generate(loaded, ROWS, eos_token_id=None) == free  # overridable
+    assert [len(r) for r in generate(loaded, ROWS, max_new_tokens=3, eos_token_id=None)] == [len(r) + 3 for r in ROWS]

@@ -311,7 +311,7 @@ def test_gpt_from_pretrained_is_load_model(exports):
 
 def test_describe_names_the_exported_tokenizer_kind(exports):
     names = {kind: describe(ex.dir).extra["tokenizer"] for kind, ex in exports.items()}
-    assert names == {"hf": "tokenizer.json (used as is)", "jieba_bpe": "tokenizer.json (jieba + BPE)",
+    assert names == {"hf": "tokenizer.json (character-level WordLevel, no jieba)", "jieba_bpe": "tokenizer.json (jieba + BPE)",
                      "bert": "vocab.txt (BERT WordPiece)"}  # fmt: skip
 
 

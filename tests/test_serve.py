@@ -471,6 +471,7 @@ def test_serve_cli_serves_a_saved_model_directory(model, reference, tmp_path):
         out = stop_cli_server(proc)
     assert f"Uvicorn running on {url}" in out
     assert "serving tiny: cpu float32, module decode step, 4 rows x 512 slots" in out  # OMP_NUM_THREADS=1
+    assert "(gpt3zh format, hf tokenizer)" in out
 
 
 def test_serve_cli_without_model_uses_the_embedded_default(capsys):

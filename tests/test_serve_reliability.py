@@ -222,3 +222,11 @@ def test_schemathesis_finds_no_5xx_and_no_undocumented_response(model):
         # it really exercised the server: successes and refusals on the generation routes
         assert {200, 400} <= seen["/v1/completions"] and {200, 400} <= seen["/v1/chat/completions"], seen
         assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_create_app_needs_only_a_model_and_a_tokenizer(model):
+    # it used to raise AttributeError reading config.max_body_bytes of a missing config
+    with BackgroundServer(create_app(model, TOK)) as srv:
+        assert httpx.get(srv.url + "/health").json() == {"status": "ok", "model": "gpt3zh"}
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")

@@ -120,6 +120,38 @@ def _export_args(p: argparse.ArgumentParser) -> None:
             action.help = "a training checkpoint (work_dir/checkpoints/step-N) or any model directory"
 
 
+# ---------------------------------------------------------------------------------------------- init
+def _init_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="the model directory to write (gpt3zh format)")
+    p.add_argument("--preset", required=True, choices=list(PRESETS), help="architecture")
+    p.add_argument("--tokenizer", help="a tokenizer file or directory to put beside the weights "
+                   "(1.3B and up: ModelScope's tokenizer.json; base/large: a BERT vocab.txt)")
+    p.add_argument("--seed", type=int, default=0, help="init seed (default 0)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT that is not a model directory")
+
+
+def _init_run(args: argparse.Namespace) -> int:
+    """A randomly initialised model of a preset (Megatron's init), e.g. to try the tools or benchmark."""
+    import torch
+
+    from .checkpoint import save_model
+    from .model import GPT
+    from .tokenizer import load_tokenizer
+
+    cfg = PRESETS[args.preset]
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise CLIError(f"init: the tokenizer has {tok.vocab_size} ids, more than preset {args.preset}'s "
+                       f"vocab_size {cfg.vocab_size}")
+    torch.manual_seed(args.seed)
+    model = GPT(cfg).to(getattr(torch, args.dtype))
+    out = save_model(model, args.out, tokenizer=tok, overwrite=args.force)
+    what = "with its tokenizer" if tok is not None else "no tokenizer (pass --tokenizer to generate text)"
+    print(f"wrote {out}: random {args.preset} ({cfg.num_params:,} parameters, {args.dtype}), {what}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------- train / eval
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="training config (YAML or JSON); paths inside are relative to the current directory")
@@ -215,6 +247,8 @@ def _serve_run(args: argparse.Namespace) -> int:
 
     loaded = load_pretrained(model_dir, device=args.device, dtype=args.dtype)
     tokenizer = load_tokenizer(model_dir)
+    print(f"gpt3zh serve: model {loaded.path} ({loaded.format} format, {tokenizer.kind} tokenizer)", file=sys.stderr,
+          flush=True)
     serve(loaded.model, tokenizer, config, args.model_id or model_dir.resolve().name, loaded.generation,
           inference_options(args))
     return 0
@@ -254,7 +288,7 @@ def _plan_run(args: argparse.Namespace) -> int:
                            "try --activation-checkpointing or a smaller --micro-batch / --seq")
     else:
         plan = plan_layout(cfg, ParallelDims(dp=args.dp or 1, tp=args.tp or 1), rank=args.rank, **kw)
-    print(json.dumps({"preset": args.preset, **plan.to_dict()}) if args.json else format_plan(args.preset, plan))
+    print(json.dumps({"preset": args.preset, **plan.to_dict()}, indent=2) if args.json else format_plan(args.preset, plan))
     return 0
 
 
@@ -266,6 +300,7 @@ COMMANDS: dict[str, Command] = {
     "generate": GENERATE,
     "demo": DEMO,
     "info": (_info_args, _info_run, "parameter count, size and format of a preset or model directory"),
+    "init": (_init_args, _init_run, "write a randomly initialised model of a preset (to try the tools)"),
     "convert": (_convert_args, _convert_run, "convert a model directory to another format (gpt3zh, modelscope, megatron, hf)"),
     "export": (_export_args, _convert_run, "write a training checkpoint (or any model directory) as a model directory"),
     "train": (_train_args, _train_run, "fine-tune or train from a YAML/JSON config (KEY=VALUE overrides win)"),

@@ -6,7 +6,11 @@
   GenerationConfig (the pipeline and the CLI use it for text, stop strings and per-row budgets).
 
 `model` is a GPT (prepared once, with the fastest path for its device, and cached: see
-gpt3zh.inference) or an InferenceModel from `gpt3zh.prepare(model, dtype=..., quantize=...)`.
+gpt3zh.inference), an InferenceModel from `gpt3zh.prepare(model, dtype=..., quantize=...)`, or what
+`gpt3zh.load_pretrained(path)` returns: then the model directory's defaults are the starting
+options (`GenerationConfig.from_defaults`, as the pipeline's: its stop ids, sampling settings and
+length), as transformers' `generate` starts from a model's generation_config.json. A bare GPT
+starts from `GenerationConfig()`: greedy, no stop id.
 Sequence i of a seeded call samples with seed + i, the rule the server follows for its choices, so
 a seeded row gives the same tokens alone, in a batch, or through any other way in.
 """
@@ -78,8 +82,19 @@ def fit_context(cfg: GenerationConfig, rows: list[list[int]], max_seq_len: int) 
     return cfg
 
 
-def _requests(model: ModelLike, prompts, config: GenerationConfig | None, options: dict) -> list[Request]:
-    cfg = resolve_config(config, **options)
+def _unwrap(model, tokenizer) -> tuple[ModelLike, GenerationConfig | None]:
+    """(the model to run, the starting config of a loaded model directory or None)."""
+    from .checkpoint.api import Pretrained
+
+    if isinstance(model, Pretrained):
+        sep = getattr(tokenizer, "sep_id", None)
+        return model.model, GenerationConfig.from_defaults(model.generation, model.model.config.vocab_size, sep)
+    return model, None
+
+
+def _requests(model: ModelLike, prompts, config: GenerationConfig | None, options: dict,
+              base: GenerationConfig | None = None) -> list[Request]:
+    cfg = resolve_config(config or base, **options)
     rows = as_rows(prompts, model.config.vocab_size)
     bad = [i for i in cfg.stop_ids if i >= model.config.vocab_size]
     if bad:
@@ -127,7 +142,8 @@ def generate(
     stop id (included), at the token that completes a stop string (these need `tokenizer`), or after
     max_new_tokens; every row equals what generating it alone gives.
     """
-    requests = _requests(model, prompts, config, options)
+    model, base = _unwrap(model, tokenizer)
+    requests = _requests(model, prompts, config, options, base)
     new: list[list[int]] = [[] for _ in requests]
     with contextlib.closing(run(model, requests, tokenizer)) as steps:
         for events in steps:
@@ -150,7 +166,8 @@ def stream(
     The concatenated ids of a row equal its continuation from `generate` with the same options
     (the stop id included). Closing the iterator early frees the KV cache.
     """
-    requests = _requests(model, prompts, config, options)
+    model, base = _unwrap(model, tokenizer)
+    requests = _requests(model, prompts, config, options, base)
     with contextlib.closing(run(model, requests, tokenizer)) as steps:
         for events in steps:
             out: list[int | None] = [None] * len(requests)

@@ -128,10 +128,15 @@ _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def prepare(model: GPT | InferenceModel, options: InferenceOptions | None = None, **kwargs: Any) -> InferenceModel:
-    """`model` prepared for inference with `options` (or InferenceOptions(**kwargs)); cached."""
+    """`model` (a GPT, or load_pretrained's result) prepared for inference with `options` (or
+    InferenceOptions(**kwargs)); cached."""
     if options is not None and kwargs:
         raise ValueError("give prepare() an InferenceOptions or keyword options, not both")
     options = options or InferenceOptions.from_dict(kwargs)
+    from .checkpoint.api import Pretrained  # at call time: checkpoint/ is not needed to prepare a GPT
+
+    if isinstance(model, Pretrained):
+        model = model.model
     if isinstance(model, InferenceModel):
         if options != InferenceOptions() and options != model.options:
             raise ValueError(f"{model!r} is already prepared with {model.options}; prepare the GPT itself "

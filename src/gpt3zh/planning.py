@@ -53,7 +53,12 @@ class MemoryPlan:
         return self.total <= self.gpu_bytes * (1 - RESERVE)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total": self.total, "fits": self.fits}
+        """JSON form: sizes named *_bytes (as `gpt3zh info --json`'s bf16_bytes; `params` there is a count)."""
+        d = asdict(self)
+        sizes = ("params", "grads", "optimizer", "activations", "transient", "gpu_bytes")
+        out = {k: v for k, v in d.items() if k not in sizes}
+        out.update({k if k.endswith("_bytes") else f"{k}_bytes": d[k] for k in sizes})
+        return {**out, "total_bytes": self.total, "fits": self.fits}
 
 
 @contextlib.contextmanager

@@ -13,11 +13,11 @@ from gpt3zh.planning import GiB, plan_layout
 def test_plan_175B_finds_a_layout_that_fits_80GB_gpus(capsys):
     assert main(["plan", "--preset", "175B", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["fits"] and plan["total"] <= 0.9 * 80 * GiB
+    assert plan["fits"] and plan["total_bytes"] <= 0.9 * 80 * GiB and plan["gpu_bytes"] == 80 * GiB
     assert plan["dp"] * plan["tp"] <= 512 and PRESETS["175B"].n_head % plan["tp"] == 0
     # the weights really are split over all ranks: each holds about 1/world of them (bf16)
     world = plan["dp"] * plan["tp"]
-    assert plan["params"] == pytest.approx(2 * PRESETS["175B"].num_params / world, rel=0.02)
+    assert plan["params_bytes"] == pytest.approx(2 * PRESETS["175B"].num_params / world, rel=0.02)
 
 
 def test_plan_of_one_gpu_for_175B_does_not_fit():

@@ -89,7 +89,7 @@ class WeightsReport:
 def inspect_weights(path: PathLike) -> WeightsReport:
     """Names and shapes of the real tensors (safetensors headers, memory-mapped torch files; no
     tensor data is read), checked against the directory's config."""
-    d = Path(path)
+    d = resolve_model(path)
     fmt = formats.detect(d)
     cfg, _ = fmt.read_config(d)
     files = fmt.weight_shapes(d)
