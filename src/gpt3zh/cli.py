@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -149,8 +150,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     from .serve.settings import ServeConfig  # light: no FastAPI import until run
 
     p.add_argument("--model", help="model directory to serve (any supported format; its tokenizer beside it; "
-                   "default: the embedded poetry-small model)")
+                   "default: the embedded poetry-small model), or a distributed training checkpoint (with --tp)")
     p.add_argument("--model-id", help="the name clients pass as `model` (default: the directory name)")
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's, or a training "
+                   "checkpoint's run's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the weights (default: keep)")
     for f in dataclasses.fields(ServeConfig):  # the remaining flags are ServeConfig's fields
@@ -158,6 +161,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         shown = "" if f.default is None else f" (default: {f.default})"
         p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + shown)
+    group = p.add_argument_group("tensor parallel (launch with torchrun --nproc_per_node N; rank 0 serves HTTP)")
+    group.add_argument("--tp", type=int, help="tensor-parallel ranks (default under torchrun: the model's "
+                       "configuration.json megatron.tensor_model_parallel_size, else the number of processes)")
+    group.add_argument("--dist-timeout", type=float, default=120.0,
+                       help="seconds a rank may wait on another before the server ends (default: 120)")
     from .cli_generate import inference_flags
 
     inference_flags(p)
@@ -168,20 +176,133 @@ def _serve_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .assets import default_model_path
+    from .parallel import read_env
     from .serve.settings import ServeConfig
 
     model_dir = Path(args.model) if args.model else default_model_path()  # a clear error when not installed
     config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    env = read_env()
+    if env.is_distributed or (args.tp or 1) > 1:
+        return _serve_tp(args, env, model_dir, config)
     from .checkpoint import load_pretrained
     from .cli_generate import inference_options
     from .serve import serve
     from .tokenizer import load_tokenizer
 
     loaded = load_pretrained(model_dir, device=args.device, dtype=args.dtype)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(args.tokenizer or model_dir)
     serve(loaded.model, tokenizer, config, args.model_id or model_dir.resolve().name, loaded.generation,
           inference_options(args))
     return 0
+
+
+def _serving_tp(flag: int | None, source, world_size: int) -> tuple[int, str]:
+    """(tp, where it came from): --tp, else the model's megatron block, else every process."""
+    from .checkpoint.files import read_json
+    from .parallel import megatron_tp
+
+    if flag is not None:
+        return flag, "--tp"
+    conf = source.path / "configuration.json"
+    block = read_json(conf).get("megatron") if source.format != "dcp" and conf.is_file() else None
+    tp = megatron_tp(block, f"{conf} megatron")
+    if tp is not None:
+        return tp, f"{conf.name} megatron.tensor_model_parallel_size"
+    return world_size, "the number of processes"
+
+
+def _serve_tp(args: argparse.Namespace, env, model_dir, config) -> int:
+    """`torchrun --nproc_per_node N -m gpt3zh serve --tp N`: rank 0 serves HTTP, every rank steps."""
+    import torch.distributed as dist
+
+    from .checkpoint.api import as_dtype
+    from .checkpoint.sharded import describe_source
+    from .parallel import ParallelError, check_tp_inference, load_tp_inference, start_tp_inference
+
+    source = describe_source(model_dir)
+    tp, where = _serving_tp(args.tp, source, env.world_size)
+    try:  # every rank finds the same problem here, before any process group or weight
+        check_tp_inference(source.config, tp, env.world_size, "serve")
+    except ParallelError as err:
+        raise ParallelError(f"{err} [tp from {where}]") from None
+    device_type = "cuda" if args.device.startswith("cuda") else args.device
+    device = f"cuda:{env.local_rank}" if args.device == "cuda" else args.device
+    mesh = start_tp_inference(env, tp, device_type)
+    try:
+        model, read = load_tp_inference(source, mesh, device, as_dtype(args.dtype))
+        print(f"gpt3zh serve: rank {env.rank} of {tp} (pid {os.getpid()}): {read}", file=sys.stderr, flush=True)
+        return _serve_rank(args, env, source, model, config, tp)
+    except ParallelError:
+        raise
+    except (RuntimeError, OSError) as err:  # a peer gone (closed connection, timeout) or this rank diverged
+        print(f"gpt3zh serve: error: rank {env.rank}: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        dist.destroy_process_group()
+
+
+def _serve_rank(args: argparse.Namespace, env, source, model, config, tp: int) -> int:
+    import signal
+
+    import torch
+
+    from .cli_generate import inference_options
+    from .config import GenerationDefaults
+    from .engine import Engine
+    from .inference import prepare
+    from .parallel import agree_across_ranks, gloo_group
+    from .serve.runner import Channel, TensorParallelRunner, TPFollower
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer or source.tokenizer)
+    generation = source.generation or GenerationDefaults(eod_id=tokenizer.sep_id)  # the trainer's rule
+    inference = inference_options(args)
+    prepared = prepare(model, inference)
+    # Every rank must compute bit-identical logits (each samples its own copy of the next token).
+    agree_across_ranks("inference path", f"{prepared.description}, {torch.get_num_threads()} threads")
+    channel = Channel(gloo_group(args.dist_timeout), env.rank)
+    if env.rank != 0:
+        # Ctrl-C and torchrun's SIGTERM reach every rank; rank 0 then finishes the open streams
+        # (which needs this rank) and sends the stop order. A rank 0 that is gone ends the wait too.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        engine = Engine(prepared, tokenizer, max_batch=config.max_batch, max_len=config.max_len)
+        TPFollower(engine, channel).run()
+        return 0
+    from .serve import serve
+
+    backend = "gloo" if args.device == "cpu" else "nccl, control over gloo"
+    layout = f"tp={tp} over {tp} ranks ({backend}), {source.format} checkpoint"
+    runner = TensorParallelRunner(channel, tp, layout, args.dist_timeout, on_fatal=_end_server)
+    try:
+        signal.signal(signal.SIGTERM, _stopped)  # uvicorn re-raises the SIGTERM it shut down on, after
+        serve(model, tokenizer, config, args.model_id or source.path.resolve().name, generation, inference, runner)
+    except _Stopped:
+        pass
+    failed = runner.leader.failed if runner.leader is not None else None
+    if failed:
+        print(f"gpt3zh serve: error: {failed}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+class _Stopped(Exception):
+    """SIGTERM on rank 0 (torchrun stopping the job, or `_end_server`), after uvicorn shut down."""
+
+
+def _stopped(signum, frame) -> None:
+    raise _Stopped
+
+
+def _end_server(message: str) -> None:
+    """A rank failed: shut this server down as a SIGTERM does (uvicorn answers the open streams
+    first), and for sure after 10 s."""
+    import signal
+    import threading
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    timer = threading.Timer(10.0, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
 
 
 # ----------------------------------------------------------------------------------------------- plan
