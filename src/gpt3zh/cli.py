@@ -318,6 +318,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activation dtype (autocast)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--rank", type=int, default=0, help="which rank to measure (FSDP shards can be uneven)")
+    p.add_argument("--serve", action="store_true",
+                   help="serving instead: weights + KV cache + prefill activations per GPU for each tp "
+                        "(or --tp), for --batch rows of --seq context; --param-dtype is the weights' and cache's dtype")
+    p.add_argument("--batch", type=int, default=8, help="with --serve: engine rows, as serve --max-batch (default 8)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -328,6 +332,8 @@ def _plan_run(args: argparse.Namespace) -> int:
     from .planning import format_plan, plan_layout, search
 
     cfg = PRESETS[args.preset]
+    if args.serve:
+        return _plan_serve(args, cfg)
     kw = {"seq_len": args.seq, "micro_batch": args.micro_batch, "gpu_mem_gib": args.gpu_mem,
           "param_dtype": torch.bfloat16 if args.param_dtype == "bf16" else torch.float32,
           "act_bytes": 2 if args.precision == "bf16" else 4,
@@ -343,6 +349,24 @@ def _plan_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan_serve(args: argparse.Namespace, cfg: GPTConfig) -> int:
+    import torch
+
+    from .planning import format_serve_plans, plan_serving, serving_tps
+
+    if args.dp not in (None, 1):
+        raise CLIError("plan --serve: serving has no data parallelism (--dp); run more servers for throughput")
+    dtype = torch.bfloat16 if args.param_dtype == "bf16" else torch.float32
+    tps = [args.tp] if args.tp else serving_tps(cfg)
+    plans = [plan_serving(cfg, tp, batch=args.batch, context=args.seq, dtype=dtype,
+                          act_bytes=2 if args.precision == "bf16" else 4, gpu_mem_gib=args.gpu_mem) for tp in tps]
+    if args.json:
+        print(json.dumps({"preset": args.preset, "dtype": args.param_dtype, "plans": [p.to_dict() for p in plans]}))
+    else:
+        print(format_serve_plans(args.preset, plans, args.param_dtype))
+    return 0
+
+
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 
 from .cli_generate import DEMO, GENERATE  # light: nothing heavy is imported until a command runs
@@ -354,7 +378,8 @@ COMMANDS: dict[str, Command] = {
     "convert": (_convert_args, _convert_run, "convert a model directory to another format (gpt3zh, modelscope, megatron, hf)"),
     "train": (_train_args, _train_run, "fine-tune or train from a YAML/JSON config (KEY=VALUE overrides win)"),
     "eval": (_eval_args, _eval_run, "perplexity, or greedy ROUGE-L / BLEU-4, of a model on a data file"),
-    "plan": (_plan_args, _plan_run, "per-GPU memory of a dp x tp training layout (measured on a fake process group)"),
+    "plan": (_plan_args, _plan_run, "per-GPU memory of a dp x tp training layout, or of serving (--serve); "
+             + "measured on a fake process group"),
     "serve": (_serve_args, _serve_run, "OpenAI-compatible HTTP server with continuous batching and a playground"),
 }
 
