@@ -185,14 +185,22 @@ def _serve_run(args: argparse.Namespace) -> int:
     if env.is_distributed or (args.tp or 1) > 1:
         return _serve_tp(args, env, model_dir, config)
     from .checkpoint import load_pretrained
+    from .checkpoint.api import as_dtype
+    from .checkpoint.sharded import describe_source, read_whole
     from .cli_generate import inference_options
+    from .config import GenerationDefaults
     from .serve import serve
     from .tokenizer import load_tokenizer
 
-    loaded = load_pretrained(model_dir, device=args.device, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer or model_dir)
-    serve(loaded.model, tokenizer, config, args.model_id or model_dir.resolve().name, loaded.generation,
-          inference_options(args))
+    source = describe_source(model_dir)
+    tokenizer = load_tokenizer(args.tokenizer or source.tokenizer)
+    if source.format == "dcp":  # a distributed-trainer checkpoint, read whole in this one process
+        model, generation = read_whole(source, as_dtype(args.dtype)).to(args.device), source.generation
+    else:
+        loaded = load_pretrained(model_dir, device=args.device, dtype=args.dtype)
+        model, generation = loaded.model, loaded.generation
+    generation = generation or GenerationDefaults(eod_id=tokenizer.sep_id)  # the trainer's rule for presets
+    serve(model, tokenizer, config, args.model_id or model_dir.resolve().name, generation, inference_options(args))
     return 0
 
 

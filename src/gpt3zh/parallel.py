@@ -146,7 +146,8 @@ class ParallelDims:
         if vocab_parallel and cfg.vocab_size % t:
             problems.append(f"vocab_size={cfg.vocab_size} is not divisible by tp={t} (pad the vocabulary)")
         if problems:
-            ok = [d for d in _divisors(cfg.n_head) if cfg.ffn_dim % d == 0 and cfg.vocab_size % d == 0]
+            ok = [d for d in _divisors(cfg.n_head)
+                  if cfg.ffn_dim % d == 0 and (not vocab_parallel or cfg.vocab_size % d == 0)]
             raise ParallelError(
                 f"impossible parallel layout dp={self.dp} x tp={self.tp}: " + "; ".join(problems)
                 + f". tp values that fit this model: {ok}"

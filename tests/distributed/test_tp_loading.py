@@ -14,7 +14,7 @@ import torch
 
 from gpt3zh.checkpoint import load_model, save_model
 from gpt3zh.checkpoint.errors import CheckpointError
-from gpt3zh.checkpoint.sharded import describe_source, read_tp_shard
+from gpt3zh.checkpoint.sharded import describe_source, read_tp_shard, read_whole
 from gpt3zh.config import GPTConfig
 from gpt3zh.model import GPT
 from gpt3zh.parallel import shard_dims
@@ -135,3 +135,7 @@ def test_dcp_and_megatron_load_straight_into_the_tp4_serving_layout(model, tmp_p
     d = save_model(model, tmp_path / "m", format="megatron", tp=4)
     (tmp_path / "step-00000002").mkdir()
     spawn(_dcp_worker, 4, str(d), str(tmp_path / "step-00000002"), timeout=150)
+    # and whole, in one process without a process group (`gpt3zh serve --model STEP_DIR`)
+    whole = read_whole(describe_source(tmp_path / "step-00000002"))
+    for name, t in model.state_dict().items():
+        assert torch.equal(whole.state_dict()[name], t), name

@@ -26,6 +26,7 @@ the whole-model readers do, and the slices are copied out, so no file stays mapp
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,8 @@ def describe_source(path: str | os.PathLike) -> Source:
 def read_tp_shard(src: Source, split: Split, rank: int, tp: int, dtype: torch.dtype | None = None,
                   mesh=None) -> tuple[dict[str, torch.Tensor], str]:
     """(this rank's gpt3zh-named tensors, a line saying what it read). `mesh`: the 1-D tp
-    DeviceMesh, needed for "dcp" only. dtype None keeps the stored dtype."""
+    DeviceMesh, needed for "dcp" at tp > 1 (tp = 1 reads without a process group). dtype None
+    keeps the stored dtype."""
     names = set(tables.our_shapes(src.config))
     if set(split) != names:
         raise CheckpointError(f"split does not name the model's tensors: {sorted(set(split) ^ names)[:8]}")
@@ -78,8 +80,8 @@ def read_tp_shard(src: Source, split: Split, rank: int, tp: int, dtype: torch.dt
     if src.format == "gpt3zh":
         return _read_safetensors(src, split, rank, tp, dtype)
     if src.format == "dcp":
-        if mesh is None:
-            raise CheckpointError("reading a distributed checkpoint needs the tp DeviceMesh")
+        if mesh is None and tp > 1:
+            raise CheckpointError("reading a distributed checkpoint at tp > 1 needs the tp DeviceMesh")
         return _read_dcp(src, split, mesh, dtype)
     fmt = formats.FORMATS[src.format]
     sd = fmt.read_weights(src.path, src.config, dtype)
@@ -92,6 +94,17 @@ def _cut(t: torch.Tensor, dim: int | None, rank: int, tp: int) -> torch.Tensor:
         return t
     size = t.shape[dim] // tp
     return t.narrow(dim, rank * size, size)
+
+
+def read_whole(src: Source, dtype: torch.dtype | None = None):
+    """The whole model of a Source as a GPT in eval mode on the CPU (one process; any format)."""
+    from ..model import GPT
+
+    with torch.device("meta"):
+        model = GPT(src.config)
+    state, _ = read_tp_shard(src, dict.fromkeys(model.state_dict()), 0, 1, dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 def _own(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -175,8 +188,8 @@ def _dcp_source(d: Path) -> Source:
             cfg = GPTConfig.from_preset(model["preset"], **(model.get("overrides") or {}))
             generation = None  # the trainer saves these runs with eod = the tokenizer's <sep>
         else:
-            info = formats.detect(resolve_model(model["path"]))
-            cfg, generation = info.read_config(resolve_model(model["path"]))
+            base = resolve_model(model["path"])
+            cfg, generation = formats.detect(base).read_config(base)
     except (ConfigError, TypeError, KeyError) as err:
         raise CheckpointError(f"{meta_path}: config.model: {err}") from None
     tokenizer = run.get("tokenizer") or model.get("path")
@@ -196,7 +209,7 @@ def _read_dcp(src: Source, split: Split, mesh, dtype) -> tuple[dict, str]:
     found = {k.removeprefix("model."): tuple(v.size) for k, v in stored.items()
              if k.startswith("model.") and hasattr(v, "size")}
     tables.check_keys(found, ours, str(dcp_dir), formats._why(src.config, src.path / "meta.json"))
-    tp = mesh.size()
+    tp = 1 if mesh is None else mesh.size()
     state: dict[str, torch.Tensor] = {}
     for name, shape in ours.items():
         kind = dtype or stored[f"model.{name}"].properties.dtype
@@ -208,6 +221,8 @@ def _read_dcp(src: Source, split: Split, mesh, dtype) -> tuple[dict, str]:
             local[dim] //= tp
             # a DTensor target: DCP reads only the stored chunks that overlap this rank's slice
             state[name] = DTensor.from_local(torch.empty(local, dtype=kind), mesh, [Shard(dim)], run_check=False)
-    dcp.load({"model": state}, checkpoint_id=str(dcp_dir))
+    with warnings.catch_warnings():  # one process, no group: DCP says it assumes so, which is the intent
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load({"model": state}, checkpoint_id=str(dcp_dir), no_dist=mesh is None)
     out = {n: (t.to_local() if isinstance(t, DTensor) else t) for n, t in state.items()}
     return out, f"read its chunks of {src.path.name}/{DCP_DIR} (saved at {src.extra.get('saved_at')})"
