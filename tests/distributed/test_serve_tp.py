@@ -153,6 +153,16 @@ async def _suite(url: str) -> list:
     return [solo, *together]
 
 
+def _cancel_then_answer(url: str) -> dict:
+    """Leave a long stream after three chunks, then ask JOBS[0] again."""
+    body = {"model": "m", "prompt": "Hello", "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 3:
+                break
+    return asyncio.run(_one(_client(url), *JOBS[0], stream=False))
+
+
 def _model_dirs(root: Path) -> dict[str, Path]:
     torch.manual_seed(1234)
     model = GPT(CONFIG).eval()
@@ -184,6 +194,7 @@ def test_tp_server_answers_as_the_single_process_server(dirs, reference, tmp_pat
     server = TorchrunServer(nproc, tmp_path / "log.txt", "--model", str(dirs[fmt]), "--model-id", "m", *tp).start()
     try:
         got = asyncio.run(_suite(server.url))
+        after_cancel = _cancel_then_answer(server.url)
         metrics = httpx.get(server.url + "/metrics").text
     finally:
         os.kill(server.pids[0], signal.SIGTERM)  # rank 0 shuts down, then tells the others to stop
@@ -194,6 +205,8 @@ def test_tp_server_answers_as_the_single_process_server(dirs, reference, tmp_pat
     for whole, streamed in zip(got[1::2], got[2::2], strict=True):  # each job streamed and not: the same
         assert ["".join(c) for c in streamed["chunks"]] == whole["texts"]
         assert streamed["reasons"] == whole["reasons"] and streamed["usage"] == whole["usage"]
+    # a client that went away mid-stream was cancelled on every rank in the same step: they still agree
+    assert after_cancel == reference[0] and "gpt3zh_cancelled_total 1\n" in metrics
     assert f"gpt3zh_tensor_parallel_size {nproc}\n" in metrics and f"gpt3zh_ranks {nproc}\n" in metrics
     assert f"tensor parallel: tp={nproc} over {nproc} ranks (gloo), {fmt} checkpoint" in out
     if fmt == "megatron":  # each rank read its own shard file (and the others' embedding rows only)

@@ -139,9 +139,12 @@ HEARTBEAT_S = 2.0  # an idle rank 0 sends an empty order this often, so the othe
 
 
 class Channel:
-    """Rank 0's orders to every other rank: a broadcast of the payload length, then the payload,
-    over `group` (gloo, with the timeout after which a silent rank 0 counts as gone).
+    """Rank 0's orders to every other rank over `group` (gloo, with the timeout after which a silent
+    rank 0 counts as gone).
 
+    An order is {"digest": 5 ints, "step": bool, "stop": bool, "new": [...], "cancel": [...]}. The
+    fixed part travels as one int64 header; "new" and "cancel", when there are any, as JSON in a
+    second broadcast. So a decode step with nothing new costs one 64-byte broadcast.
     `hello` is the first message, over the default group (long timeout): rank 0 starts its HTTP
     server after the weights are loaded, which may take the others longer than `group` allows.
     """
@@ -159,26 +162,34 @@ class Channel:
         import torch
         import torch.distributed as dist
 
-        data = json.dumps(order, separators=(",", ":")).encode()
-        dist.broadcast(torch.tensor([len(data)], dtype=torch.int64), src=0, group=self.group)
-        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=self.group)
+        news = {"new": order["new"], "cancel": order["cancel"]}
+        data = json.dumps(news, separators=(",", ":")).encode() if news["new"] or news["cancel"] else b""
+        header = [len(data), int(order["step"]), int(order["stop"]), *order["digest"]]
+        dist.broadcast(torch.tensor(header, dtype=torch.int64), src=0, group=self.group)
+        if data:
+            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=self.group)
 
     def recv(self) -> dict:
         import torch
         import torch.distributed as dist
 
-        size = torch.zeros(1, dtype=torch.int64)
-        dist.broadcast(size, src=0, group=self.group)
-        data = torch.empty(int(size), dtype=torch.uint8)
-        dist.broadcast(data, src=0, group=self.group)
-        return json.loads(data.numpy().tobytes())
+        header = torch.zeros(3 + _DIGEST, dtype=torch.int64)
+        dist.broadcast(header, src=0, group=self.group)
+        size, step, stop, *digest = header.tolist()
+        news = {"new": [], "cancel": []}
+        if size:
+            data = torch.empty(size, dtype=torch.uint8)
+            dist.broadcast(data, src=0, group=self.group)
+            news = json.loads(data.numpy().tobytes())
+        return {"digest": digest, "step": bool(step), "stop": bool(stop), **news}
 
 
 class DivergedError(RuntimeError):
     """This rank's engine no longer matches rank 0's: it must stop, never serve on."""
 
 
-_MOD = (1 << 61) - 1
+_MOD = (1 << 61) - 1  # the token hash stays below this, so it fits the int64 header
+_DIGEST = 5  # steps, prompt tokens, generated tokens, rows running, token hash
 
 
 class _Lockstep:
@@ -190,7 +201,7 @@ class _Lockstep:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.live: dict[int, Request] = {}  # request id -> the engine's request
-        self.digest: list[int] = [0, 0, 0, 0, 0]
+        self.digest: list[int] = [0] * _DIGEST
 
     def add(self, rid: int, req: Request) -> None:
         req.tag = rid
