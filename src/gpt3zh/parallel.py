@@ -163,20 +163,18 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_process_group(env: DistEnv, device_type: str, timeout: float | None = None, cpu_too: bool = False) -> None:
+def init_process_group(env: DistEnv, device_type: str, cpu_too: bool = False) -> None:
     """Start the default group once (gloo on CPU, nccl on CUDA); a no-op when already started.
 
-    timeout: seconds a collective may wait before it raises (gloo) or the NCCL watchdog ends the
-    process (default: torch's, 10 minutes for NCCL and 30 for gloo). cpu_too: on CUDA, gloo for
-    CPU tensors beside nccl (the server's control messages travel as CPU tensors).
+    cpu_too: on CUDA, gloo for CPU tensors beside nccl (the server's control messages and the
+    DCP reader travel as CPU tensors).
     """
     if dist.is_initialized():
         return
     if device_type == "cuda":
         torch.cuda.set_device(env.local_rank)
     backend = ("cpu:gloo,cuda:nccl" if cpu_too else "nccl") if device_type == "cuda" else "gloo"
-    kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, **kwargs)
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
@@ -482,8 +480,10 @@ def load_tp_inference(source, tp_mesh: DeviceMesh, device: str | torch.device = 
         model = GPT(source.config)
     split = shard_dims(model)  # TP_PLAN's cut of every tensor; the vocabulary stays whole
     tensor_parallel_model(model, tp_mesh)
-    cpu_mesh = tp_mesh if tp_mesh.device_type == "cpu" else init_device_mesh("cpu", (tp_mesh.size(),))
-    state, read = read_tp_shard(source, split, tp_mesh.get_local_rank(), tp_mesh.size(), dtype, cpu_mesh)
+    mesh = tp_mesh
+    if source.format == "dcp" and tp_mesh.device_type != "cpu":  # DCP reads into CPU tensors
+        mesh = init_device_mesh("cpu", (tp_mesh.size(),))
+    state, read = read_tp_shard(source, split, tp_mesh.get_local_rank(), tp_mesh.size(), dtype, mesh)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval(), read
 
