@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -217,8 +218,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     from .serve.settings import ServeConfig  # light: no FastAPI import until run
 
     p.add_argument("--model", help="model directory to serve (any supported format; its tokenizer beside it; "
-                   "default: the embedded poetry-small model)")
+                   "default: the embedded poetry-small model), or a distributed training checkpoint (with --tp)")
     p.add_argument("--model-id", help="the name clients pass as `model` (default: the directory name)")
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's, or a training "
+                   "checkpoint's run's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the weights (default: keep)")
     for f in dataclasses.fields(ServeConfig):  # the remaining flags are ServeConfig's fields
@@ -226,6 +229,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         shown = "" if f.default is None else f" (default: {f.default})"
         p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + shown)
+    group = p.add_argument_group("tensor parallel (launch with torchrun --nproc_per_node N; rank 0 serves HTTP)")
+    group.add_argument("--tp", type=int, help="tensor-parallel ranks (default under torchrun: the model's "
+                       "configuration.json megatron.tensor_model_parallel_size, else the number of processes)")
+    group.add_argument("--dist-timeout", type=float, default=120.0,
+                       help="seconds a rank may wait on another before the server ends (default: 120)")
     from .cli_generate import inference_flags
 
     inference_flags(p)
@@ -236,22 +244,135 @@ def _serve_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .assets import default_model_path
+    from .parallel import read_env
     from .serve.settings import ServeConfig
 
     model_dir = Path(args.model) if args.model else default_model_path()  # a clear error when not installed
     config = ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    env = read_env()
+    if env.is_distributed or (args.tp or 1) > 1:
+        return _serve_tp(args, env, model_dir, config)
     from .checkpoint import load_pretrained
     from .cli_generate import inference_options
     from .serve import serve
     from .tokenizer import load_tokenizer
 
-    loaded = load_pretrained(model_dir, device=args.device, dtype=args.dtype)
-    tokenizer = load_tokenizer(model_dir)
+    loaded = load_pretrained(model_dir, device=args.device, dtype=args.dtype)  # any format, training checkpoints too
+    tokenizer = load_tokenizer(args.tokenizer or loaded.path)
     print(f"gpt3zh serve: model {loaded.path} ({loaded.format} format, {tokenizer.kind} tokenizer)", file=sys.stderr,
           flush=True)
     serve(loaded.model, tokenizer, config, args.model_id or model_dir.resolve().name, loaded.generation,
           inference_options(args))
     return 0
+
+
+def _serving_tp(flag: int | None, source, world_size: int) -> tuple[int, str]:
+    """(tp, where it came from): --tp, else the model's megatron block, else every process."""
+    from .checkpoint.files import read_json
+    from .parallel import megatron_tp
+
+    if flag is not None:
+        return flag, "--tp"
+    conf = source.path / "configuration.json"
+    block = read_json(conf).get("megatron") if source.format != "dcp" and conf.is_file() else None
+    tp = megatron_tp(block, f"{conf} megatron")
+    if tp is not None:
+        return tp, f"{conf.name} megatron.tensor_model_parallel_size"
+    return world_size, "the number of processes"
+
+
+def _serve_tp(args: argparse.Namespace, env, model_dir, config) -> int:
+    """`torchrun --nproc_per_node N -m gpt3zh serve --tp N`: rank 0 serves HTTP, every rank steps."""
+    import torch.distributed as dist
+
+    from .checkpoint.api import as_dtype
+    from .checkpoint.sharded import describe_source
+    from .parallel import ParallelError, check_tp_inference, load_tp_inference, start_tp_inference
+
+    source = describe_source(model_dir)
+    tp, where = _serving_tp(args.tp, source, env.world_size)
+    try:  # every rank finds the same problem here, before any process group or weight
+        check_tp_inference(source.config, tp, env.world_size, "serve")
+    except ParallelError as err:
+        raise ParallelError(f"{err} [tp from {where}]") from None
+    device_type = "cuda" if args.device.startswith("cuda") else args.device
+    device = f"cuda:{env.local_rank}" if args.device == "cuda" else args.device
+    mesh = start_tp_inference(env, tp, device_type)
+    try:
+        model, read = load_tp_inference(source, mesh, device, as_dtype(args.dtype))
+        print(f"gpt3zh serve: rank {env.rank} of {tp} (pid {os.getpid()}): {read}", file=sys.stderr, flush=True)
+        return _serve_rank(args, env, source, model, config, tp)
+    except ParallelError:
+        raise
+    except (RuntimeError, OSError) as err:  # a peer gone (closed connection, timeout) or this rank diverged
+        print(f"gpt3zh serve: error: rank {env.rank}: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        dist.destroy_process_group()
+
+
+def _serve_rank(args: argparse.Namespace, env, source, model, config, tp: int) -> int:
+    import signal
+
+    import torch
+
+    from .cli_generate import inference_options
+    from .config import GenerationDefaults
+    from .engine import Engine
+    from .inference import prepare
+    from .parallel import agree_across_ranks, gloo_group
+    from .serve.runner import Channel, TensorParallelRunner, TPFollower
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer or source.tokenizer)
+    generation = source.generation or GenerationDefaults(eod_id=tokenizer.sep_id)  # the trainer's rule
+    inference = inference_options(args)
+    prepared = prepare(model, inference)
+    # Every rank must compute bit-identical logits (each samples its own copy of the next token).
+    agree_across_ranks("inference path", f"{prepared.description}, {torch.get_num_threads()} threads")
+    channel = Channel(gloo_group(args.dist_timeout), env.rank)
+    if env.rank != 0:
+        # Ctrl-C and torchrun's SIGTERM reach every rank; rank 0 then finishes the open streams
+        # (which needs this rank) and sends the stop order. A rank 0 that is gone ends the wait too.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        engine = Engine(prepared, tokenizer, max_batch=config.max_batch, max_len=config.max_len)
+        TPFollower(engine, channel).run()
+        return 0
+    from .serve import serve
+
+    backend = "gloo" if args.device == "cpu" else "nccl, control over gloo"
+    layout = f"tp={tp} over {tp} ranks ({backend}), {source.format} checkpoint"
+    runner = TensorParallelRunner(channel, tp, layout, args.dist_timeout, on_fatal=_end_server)
+    try:
+        signal.signal(signal.SIGTERM, _stopped)  # uvicorn re-raises the SIGTERM it shut down on, after
+        serve(model, tokenizer, config, args.model_id or source.path.resolve().name, generation, inference, runner)
+    except _Stopped:
+        pass
+    failed = runner.leader.failed if runner.leader is not None else None
+    if failed:
+        print(f"gpt3zh serve: error: {failed}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
+
+
+class _Stopped(Exception):
+    """SIGTERM on rank 0 (torchrun stopping the job, or `_end_server`), after uvicorn shut down."""
+
+
+def _stopped(signum, frame) -> None:
+    raise _Stopped
+
+
+def _end_server(message: str) -> None:
+    """A rank failed: shut this server down as a SIGTERM does (uvicorn answers the open streams
+    first), and for sure after 10 s."""
+    import signal
+    import threading
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    timer = threading.Timer(10.0, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -267,6 +388,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activation dtype (autocast)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--rank", type=int, default=0, help="which rank to measure (FSDP shards can be uneven)")
+    p.add_argument("--serve", action="store_true",
+                   help="serving instead: weights + KV cache + prefill activations per GPU for each tp "
+                        "(or --tp), for --batch rows of --seq context; --param-dtype is the weights' and cache's dtype")
+    p.add_argument("--batch", type=int, default=8, help="with --serve: engine rows, as serve --max-batch (default 8)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -277,6 +402,8 @@ def _plan_run(args: argparse.Namespace) -> int:
     from .planning import format_plan, plan_layout, search
 
     cfg = PRESETS[args.preset]
+    if args.serve:
+        return _plan_serve(args, cfg)
     kw = {"seq_len": args.seq, "micro_batch": args.micro_batch, "gpu_mem_gib": args.gpu_mem,
           "param_dtype": torch.bfloat16 if args.param_dtype == "bf16" else torch.float32,
           "act_bytes": 2 if args.precision == "bf16" else 4,
@@ -289,6 +416,24 @@ def _plan_run(args: argparse.Namespace) -> int:
     else:
         plan = plan_layout(cfg, ParallelDims(dp=args.dp or 1, tp=args.tp or 1), rank=args.rank, **kw)
     print(json.dumps({"preset": args.preset, **plan.to_dict()}, indent=2) if args.json else format_plan(args.preset, plan))
+    return 0
+
+
+def _plan_serve(args: argparse.Namespace, cfg: GPTConfig) -> int:
+    import torch
+
+    from .planning import format_serve_plans, plan_serving, serving_tps
+
+    if args.dp not in (None, 1):
+        raise CLIError("plan --serve: serving has no data parallelism (--dp); run more servers for throughput")
+    dtype = torch.bfloat16 if args.param_dtype == "bf16" else torch.float32
+    tps = [args.tp] if args.tp else serving_tps(cfg)
+    plans = [plan_serving(cfg, tp, batch=args.batch, context=args.seq, dtype=dtype,
+                          act_bytes=2 if args.precision == "bf16" else 4, gpu_mem_gib=args.gpu_mem) for tp in tps]
+    if args.json:
+        print(json.dumps({"preset": args.preset, "dtype": args.param_dtype, "plans": [p.to_dict() for p in plans]}))
+    else:
+        print(format_serve_plans(args.preset, plans, args.param_dtype))
     return 0
 
 
@@ -305,7 +450,8 @@ COMMANDS: dict[str, Command] = {
     "export": (_export_args, _convert_run, "write a training checkpoint (or any model directory) as a model directory"),
     "train": (_train_args, _train_run, "fine-tune or train from a YAML/JSON config (KEY=VALUE overrides win)"),
     "eval": (_eval_args, _eval_run, "perplexity, or greedy ROUGE-L / BLEU-4, of a model on a data file"),
-    "plan": (_plan_args, _plan_run, "per-GPU memory of a dp x tp training layout (measured on a fake process group)"),
+    "plan": (_plan_args, _plan_run, "per-GPU memory of a dp x tp training layout, or of serving (--serve); "
+             + "measured on a fake process group"),
     "serve": (_serve_args, _serve_run, "OpenAI-compatible HTTP server with continuous batching and a playground"),
 }
 

@@ -13,6 +13,7 @@ else takes ranks, sizes and meshes as arguments, so the same code runs under a f
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import os
 from collections.abc import Mapping
@@ -145,7 +146,8 @@ class ParallelDims:
         if vocab_parallel and cfg.vocab_size % t:
             problems.append(f"vocab_size={cfg.vocab_size} is not divisible by tp={t} (pad the vocabulary)")
         if problems:
-            ok = [d for d in _divisors(cfg.n_head) if cfg.ffn_dim % d == 0 and cfg.vocab_size % d == 0]
+            ok = [d for d in _divisors(cfg.n_head)
+                  if cfg.ffn_dim % d == 0 and (not vocab_parallel or cfg.vocab_size % d == 0)]
             raise ParallelError(
                 f"impossible parallel layout dp={self.dp} x tp={self.tp}: " + "; ".join(problems)
                 + f". tp values that fit this model: {ok}"
@@ -161,13 +163,17 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_process_group(env: DistEnv, device_type: str) -> None:
-    """Start the default group once (gloo on CPU, nccl on CUDA); a no-op when already started."""
+def init_process_group(env: DistEnv, device_type: str, cpu_too: bool = False) -> None:
+    """Start the default group once (gloo on CPU, nccl on CUDA); a no-op when already started.
+
+    cpu_too: on CUDA, gloo for CPU tensors beside nccl (the server's control messages and the
+    DCP reader travel as CPU tensors).
+    """
     if dist.is_initialized():
         return
     if device_type == "cuda":
         torch.cuda.set_device(env.local_rank)
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    backend = ("cpu:gloo,cuda:nccl" if cpu_too else "nccl") if device_type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
 
 
@@ -410,15 +416,82 @@ class _SharedRef:
         return self
 
 
+def check_tp_inference(cfg: GPTConfig, tp: int, world_size: int, command: str = "generate") -> None:
+    """The inference layout (one tp group of every launched process), checked before any process
+    group or weight: the same ParallelError on every rank, so none waits on a collective.
+
+    The serving layout keeps the vocabulary whole on every rank (the tied head's logits come out
+    whole, and every rank samples the same token from them), so tp need not divide the vocabulary.
+    """
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ParallelError(f"--tp must be a positive int, got {tp!r}")
+    if world_size != tp:
+        raise ParallelError(
+            f"tensor parallelism tp={tp} needs {tp} processes: launch with `torchrun --nproc_per_node {tp} -m gpt3zh {command} "
+            f"--tp {tp} ...` (this launch has {world_size})"
+        )
+    ParallelDims(tp=tp).validate(cfg, vocab_parallel=False)
+
+
+def megatron_tp(block: Mapping[str, Any] | None, where: str = "configuration.json megatron") -> int | None:
+    """tensor_model_parallel_size of a ModelScope `megatron` block (None without one). Its
+    world_size is the training world (tp x pp x dp), which inference does not use."""
+    if not block:
+        return None
+    tp = block.get("tensor_model_parallel_size", 1)
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ParallelError(f"{where}.tensor_model_parallel_size must be a positive int, got {tp!r}")
+    pp = block.get("pipeline_model_parallel_size", 1)
+    if pp != 1:
+        raise ParallelError(f"{where}.pipeline_model_parallel_size={pp!r}: pipeline parallelism is not supported")
+    return tp
+
+
+def start_tp_inference(env: DistEnv, tp: int, device_type: str) -> DeviceMesh:
+    """The process group (gloo beside nccl on CUDA, for CPU tensors) and the 1-D "tp" mesh."""
+    init_process_group(env, device_type, cpu_too=True)
+    return init_device_mesh(device_type, (tp,), mesh_dim_names=("tp",))
+
+
+def gloo_group(timeout: float):
+    """A gloo group of every rank whose collectives raise after `timeout` seconds (a collective:
+    every rank calls it). The model's own collectives keep the default group's long timeout, so
+    loading a large checkpoint on a slow rank is no failure."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
+
+
+def agree_across_ranks(what: str, value: str) -> None:
+    """Raise the same ParallelError on every rank unless all ranks pass the same `value` (a collective)."""
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        raise ParallelError(f"the ranks disagree on the {what}: " + "; ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
+
+
+def load_tp_inference(source, tp_mesh: DeviceMesh, device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None) -> tuple[nn.Module, str]:
+    """(the model in the inference layout on `device`, what this rank read) from a
+    `gpt3zh.checkpoint.sharded.Source`: the layout is built on the meta device (no memory), then
+    each rank reads only its slices where the format allows (see checkpoint/sharded.py)."""
+    from .checkpoint.sharded import read_tp_shard
+    from .model import GPT
+
+    with torch.device("meta"):
+        model = GPT(source.config)
+    split = shard_dims(model)  # TP_PLAN's cut of every tensor; the vocabulary stays whole
+    tensor_parallel_model(model, tp_mesh)
+    mesh = tp_mesh
+    if source.format == "dcp" and tp_mesh.device_type != "cpu":  # DCP reads into CPU tensors
+        mesh = init_device_mesh("cpu", (tp_mesh.size(),))
+    state, read = read_tp_shard(source, split, tp_mesh.get_local_rank(), tp_mesh.size(), dtype, mesh)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval(), read
+
+
 def setup_tp_inference(model: nn.Module, tp: int, env: DistEnv | None = None) -> DeviceMesh:
     """`gpt3zh generate --tp N` under torchrun: check the launch, start the group, shard `model`."""
     env = env or read_env()
-    if env.world_size != tp:
-        raise ParallelError(
-            f"--tp {tp} needs {tp} processes: launch with `torchrun --nproc_per_node {tp} -m gpt3zh generate "
-            f"--tp {tp} ...` (this launch has {env.world_size})"
-        )
-    ParallelDims(tp=tp).validate(model.config, vocab_parallel=False)
+    check_tp_inference(model.config, tp, env.world_size)
     device_type = model.tok_emb.weight.device.type
     init_process_group(env, device_type)
     mesh = init_device_mesh(device_type, (tp,), mesh_dim_names=("tp",))

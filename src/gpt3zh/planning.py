@@ -171,3 +171,85 @@ def format_plan(name: str, plan: MemoryPlan) -> str:
          f"({'fits' if plan.fits else 'does NOT fit'}, {RESERVE:.0%} kept free)"),
     ]
     return "\n".join(rows)
+
+
+# ------------------------------------------------------------------------------------------ serving
+@dataclass(frozen=True)
+class ServePlan:
+    """Per-GPU memory of `gpt3zh serve --tp N` (every rank holds the same amounts)."""
+
+    tp: int
+    batch: int  # engine rows (--max-batch)
+    context: int  # KV cache slots per row (--max-len)
+    weights: int  # bytes per GPU
+    kv_cache: int
+    activations: int
+    gpu_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_bytes * (1 - RESERVE)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total, "fits": self.fits}
+
+
+def plan_serving(cfg: GPTConfig, tp: int, *, batch: int = 8, context: int | None = None,
+                 dtype: torch.dtype = torch.bfloat16, act_bytes: int = 2, gpu_mem_gib: float = 80.0,
+                 prefill_tokens: int | None = None) -> ServePlan:
+    """Memory of one rank of the serving layout, measured where it can be.
+
+    Weights and the KV cache are read off the real thing on the meta device: the model in the
+    inference layout (`parallel.tensor_parallel_model` under a fake process group of tp ranks:
+    qkv / fc / proj sliced, embeddings, positions and layer norms whole on every rank) and the
+    engine's cache for `batch` rows of `context` slots (`GPT.setup_kv_cache`: local heads only).
+    Activations are estimated for the largest prefill the engine runs (engine.PREFILL_TOKENS
+    padded prompt tokens, or batch x context if fewer): one layer's values at a time (4H replicated
+    plus (4H + 2F)/tp sliced per token, as `activation_bytes`), plus fp32 logits of every row.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .engine import PREFILL_TOKENS
+    from .model import GPT
+    from .parallel import check_tp_inference, tensor_parallel_model
+
+    check_tp_inference(cfg, tp, tp, "serve")
+    T = context or cfg.max_seq_len
+    if not 0 < T <= cfg.max_seq_len:
+        raise ParallelError(f"context {T} must be in [1, max_seq_len={cfg.max_seq_len}]")
+    if batch < 1:
+        raise ParallelError(f"batch must be >= 1, got {batch}")
+    with fake_process_group(0, tp):
+        with torch.device("meta"):
+            model = GPT(cfg).to(dtype)
+        if tp > 1:
+            tensor_parallel_model(model, init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",)))
+        weights = _bytes(model.parameters())
+        model.setup_kv_cache(batch, T)
+        kv = _bytes(model.buffers())
+    tokens = min(prefill_tokens or PREFILL_TOKENS, batch * T)
+    H, F, V = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
+    activations = tokens * (4 * H + (4 * H + 2 * F) // tp) * act_bytes + batch * V * 4
+    return ServePlan(tp, batch, T, weights, kv, activations, int(gpu_mem_gib * GiB))
+
+
+def serving_tps(cfg: GPTConfig) -> list[int]:
+    """The tp sizes of one node that the model's heads and FFN width allow."""
+    return [tp for tp in TP_CHOICES if cfg.n_head % tp == 0 and cfg.ffn_dim % tp == 0]
+
+
+def format_serve_plans(name: str, plans: list[ServePlan], dtype: str) -> str:
+    p0 = plans[0]
+    gib = lambda n: f"{n / GiB:.1f} GiB"
+    head = (f"{name} serving, {dtype} weights and KV cache, batch {p0.batch} x context {p0.context}, "
+            f"{p0.gpu_bytes / GiB:.0f} GiB GPUs ({RESERVE:.0%} kept free); per GPU:")
+    cols = ("tp", "GPUs", "weights", "KV cache", "activations", "total", "fits")
+    rows = [(str(p.tp), str(p.tp), gib(p.weights), gib(p.kv_cache), gib(p.activations), gib(p.total),
+             "yes" if p.fits else "no") for p in plans]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([head, line(cols), *map(line, rows)])

@@ -16,7 +16,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any, Protocol
 
@@ -67,14 +67,16 @@ class APIError(Exception):
 # ------------------------------------------------------------------------------------------ app
 def create_app(model: GPT | InferenceModel, tokenizer: Tokenizer, config: ServeConfig | None = None,
                model_id: str = "gpt3zh", defaults: GenerationDefaults | None = None,
-               inference: InferenceOptions | None = None) -> FastAPI:
+               inference: InferenceOptions | None = None, runner: Runner | None = None) -> FastAPI:
     """The app; its lifespan starts the engine thread and stops it on shutdown.
 
     defaults: the model directory's generation defaults (default GenerationDefaults());
-    inference: how the model is prepared (gpt3zh.prepare; default: the fastest path for its device).
+    inference: how the model is prepared (gpt3zh.prepare; default: the fastest path for its device);
+    runner: makes what runs the engine, `runner(engine, metrics)` (default: an EngineThread; under
+    torchrun, gpt3zh.serve.runner.tensor_parallel_runner steps every rank in lockstep).
     """
     config = config or ServeConfig()
-    server = _Server(model, tokenizer, config, model_id, defaults or GenerationDefaults(), inference)
+    server = _Server(model, tokenizer, config, model_id, defaults or GenerationDefaults(), inference, runner)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -95,15 +97,24 @@ def create_app(model: GPT | InferenceModel, tokenizer: Tokenizer, config: ServeC
     return app
 
 
+Runner = Callable[[Engine, Metrics], EngineThread]  # EngineThread or anything with its methods
+
+
+def _engine_thread(engine: Engine, metrics: Metrics) -> EngineThread:
+    return EngineThread(engine, metrics.on_tokens)
+
+
 class _Server:
     """What the routes share: the engine, the tokenizer, the limits and the metrics."""
 
     def __init__(self, model: GPT | InferenceModel, tokenizer: Tokenizer, config: ServeConfig, model_id: str,
-                 defaults: GenerationDefaults, inference: InferenceOptions | None) -> None:
+                 defaults: GenerationDefaults, inference: InferenceOptions | None,
+                 runner: Runner | None = None) -> None:
         self.prepared = prepare(model, inference)
         self.tokenizer, self.config, self.model_id, self.defaults = tokenizer, config, model_id, defaults
         self.vocab_size = self.prepared.config.vocab_size
         self.context = min(config.max_len or self.prepared.config.max_seq_len, self.prepared.config.max_seq_len)
+        self.make_runner = runner or _engine_thread
         self.runner: EngineThread | None = None
         self.metrics = Metrics(lambda: self.runner.engine.waiting if self.runner else 0,
                                lambda: self.runner.engine.running if self.runner else 0)
@@ -112,7 +123,7 @@ class _Server:
     def start(self) -> None:
         engine = Engine(self.prepared, self.tokenizer, max_batch=self.config.max_batch, max_len=self.context,
                         max_queue=self.config.max_queue)
-        self.runner = EngineThread(engine, self.metrics.on_tokens)
+        self.runner = self.make_runner(engine, self.metrics)
         self.runner.start()
         log.info("serving %s: %s, %d rows x %d slots", self.model_id, engine.prepared.description,
                  engine.max_batch, engine.max_len)
@@ -600,11 +611,12 @@ class _Observe:
 
 # ------------------------------------------------------------------------------------------ running
 def serve(model: GPT | InferenceModel, tokenizer: Tokenizer, config: ServeConfig, model_id: str,
-          defaults: GenerationDefaults | None = None, inference: InferenceOptions | None = None) -> None:
+          defaults: GenerationDefaults | None = None, inference: InferenceOptions | None = None,
+          runner: Runner | None = None) -> None:
     """Run the server in the foreground until interrupted."""
     import uvicorn
 
-    app = create_app(model, tokenizer, config, model_id, defaults, inference)
+    app = create_app(model, tokenizer, config, model_id, defaults, inference, runner)
     logger = logging.getLogger("gpt3zh")
     if not logger.handlers:  # the startup line (model, path, layout) beside uvicorn's own
         handler = logging.StreamHandler()
