@@ -150,7 +150,7 @@ class Engine:
         """Queue requests (all or none). Raises ValueError for a request this engine cannot run and
         QueueFull when the queue would overflow."""
         for req in requests:
-            self._check(req)
+            self.check(req)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -248,7 +248,8 @@ class Engine:
         return events
 
     # ---------------------------------------------------------------- internals
-    def _check(self, req: Request) -> None:
+    def check(self, req: Request) -> None:
+        """Raise ValueError if this engine cannot run `req` (what `add` checks first)."""
         n = len(req.prompt)
         if not 0 < n <= self.max_len:
             raise ValueError(f"a prompt of {n} tokens does not fit: prompts need 1 to {self.max_len} "

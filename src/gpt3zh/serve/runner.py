@@ -273,7 +273,7 @@ class TPLeader:
         handle = Handle(asyncio.get_running_loop(), requests)
         for req in requests:
             req.tag = handle
-            self.engine._check(req)  # the engine's own checks, now: its add runs later, on the engine thread
+            self.engine.check(req)  # the engine's own checks, now: its add runs later, on the engine thread
         with self._cv:
             if self.failed or self._stopping:
                 raise RuntimeError(f"the engine is not running ({self.failed or 'shutting down'})")
