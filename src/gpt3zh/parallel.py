@@ -116,12 +116,7 @@ class ParallelDims:
         ModelScope's `megatron.world_size` is tp x pp (its model-parallel world); here there is no
         pipeline parallelism, so it must be tp, or the whole launched world (dp x tp).
         """
-        tp = block.get("tensor_model_parallel_size", 1)
-        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-            raise ParallelError(f"{where}.tensor_model_parallel_size must be a positive int, got {tp!r}")
-        pp = block.get("pipeline_model_parallel_size", 1)
-        if pp != 1:
-            raise ParallelError(f"{where}.pipeline_model_parallel_size={pp!r}: pipeline parallelism is not supported")
+        tp = megatron_tp(block, where) or 1
         declared = block.get("world_size")
         if declared is not None and declared not in (tp, world_size):
             raise ParallelError(
