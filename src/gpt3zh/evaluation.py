@@ -4,7 +4,7 @@ prompt->target data. The trainer's periodic evaluation calls the same functions.
 Reported numbers: `loss` = mean NLL (nats) per trained token (as training counts them: all real
 tokens and <sep> for continuation, target tokens and <sep> for prompt->target), `ppl` = exp(loss),
 `tokens`, `chars` (characters of the scored text, so `bits_per_char` compares across
-tokenizers), and `ppl_modelscope`, ModelScope's unmasked definition (spec §8.3).
+tokenizers), and `ppl_modelscope`, ModelScope's unmasked definition (ModelScope's PplMetric).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Three kinds share one interface (`Tokenizer`): `encode`, `encode_batch`, `decode
 `token_to_id` / `id_to_token`, the special ids and `save`.
 
 - `jieba_bpe` (ModelScope 1.3B/2.7B/13B): jieba cuts the text into words, then the BPE
-  `tokenizer.json` encodes the words as a pre-tokenized sequence (spec §6.2).
+  `tokenizer.json` encodes the words as a pre-tokenized sequence (ModelScope's JiebaBPETokenizer).
 - `bert` (ModelScope chinese-base/large): Google's Chinese WordPiece `vocab.txt`, configured to
-  match `transformers.BertTokenizer(do_lower_case=True)` without needing transformers (spec §6.1).
+  match `transformers.BertTokenizer(do_lower_case=True)` without needing transformers (ModelScope's BERT preprocessing).
 - `hf`: any `tokenizers` file used as is, e.g. the character-level tokenizer made by
   `train_char_tokenizer` for gpt3zh's own small models.
 
@@ -276,7 +276,7 @@ def _as_id_list(row: Any) -> list[int]:
 
 
 class JiebaBPETokenizer(Tokenizer):
-    """ModelScope's `JiebaBPETokenizer` (spec §6.2): same ids, same `detokenize`.
+    """ModelScope's `JiebaBPETokenizer` (ModelScope's JiebaBPETokenizer): same ids, same `detokenize`.
 
     Special tokens are never matched in the text: jieba cuts a literal "<sep>" into "<", "sep",
     ">" (four BPE ids, as in ModelScope); append `sep_id` / `eod_id` to the ids instead.
@@ -293,7 +293,7 @@ class JiebaBPETokenizer(Tokenizer):
         return _batch_ids(self.backend, [jieba_cut(t) for t in texts], is_pretokenized=True)
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        # ModelScope cuts at the FIRST <sep> anywhere, the prompt included (spec §9.6).
+        # ModelScope cuts at the FIRST <sep> anywhere, the prompt included (ModelScope's detokenize).
         ids = list(ids)
         if self.sep_id in ids:
             ids = ids[: ids.index(self.sep_id)]
@@ -304,7 +304,7 @@ _GLUED_LEFT = frozenset(".,?!'")  # words _clean_up_tokenization joins to the wo
 
 
 class BertTokenizer(Tokenizer):
-    """`transformers.BertTokenizer` as ModelScope's single-process models use it (spec §6.1).
+    """`transformers.BertTokenizer` as ModelScope's single-process models use it (ModelScope's BERT preprocessing).
 
     `encode(text)` returns what ModelScope's preprocessor feeds before padding and truncation:
     `[CLS] pieces... [SEP]`. ModelScope's model then starts generating AT the [SEP] position
@@ -364,7 +364,7 @@ class HFTokenizer(Tokenizer):
 _CLASSES = {"jieba_bpe": JiebaBPETokenizer, "bert": BertTokenizer, "hf": HFTokenizer}
 
 
-# ------------------------------------------------------------------------- BERT decoding (spec §6.1)
+# ------------------------------------------------------------------------- BERT decoding (ModelScope's BERT preprocessing)
 def _clean_up_tokenization(text: str) -> str:
     """transformers' `clean_up_tokenization` (BertTokenizer's default): glue English punctuation."""
     for old, new in (

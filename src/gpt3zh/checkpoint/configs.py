@@ -1,6 +1,6 @@
 """Config translation: foreign config.json files <-> (GPTConfig, GenerationDefaults).
 
-ModelScope rules (spec §2, §9), read exactly what ModelScope reads and ignore what it ignores:
+ModelScope rules (its GPT3Config and its quirks): read exactly what ModelScope reads and ignore what it ignores:
 - both backends: vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
   max_position_embeddings, layernorm_epsilon (GPT3Config defaults when absent). `layer_norm_eps`
   is ignored (GPT3Config itself crashes on it), `kv_channels` is treated as hidden/heads, and

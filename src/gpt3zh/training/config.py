@@ -124,7 +124,7 @@ class EvaluationSection:
     max_new_tokens: int = 64  # greedy generation length for rouge / bleu
     max_examples: int | None = None  # evaluate on the first N rows only
     at_start: bool = False  # also evaluate the untrained start (logged at step 0) as a baseline
-    # also report ModelScope's unmasked ppl (spec §8.3); it needs full (B, L-1, V) logits of every
+    # also report ModelScope's unmasked ppl (ModelScope's PplMetric); it needs full (B, L-1, V) logits of every
     # row padded to sequence_length, several times the cost of the masked ppl on prompt data
     ppl_modelscope: bool = True
 

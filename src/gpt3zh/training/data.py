@@ -1,6 +1,6 @@
 """Training data: rows from JSONL / JSON / CSV / parquet / a saved `datasets` dir -> token rows -> batches.
 
-ModelScope's preprocessing (TextGenerationJiebaPreprocessor, spec §8.1-8.2), kept exactly:
+ModelScope's preprocessing (TextGenerationJiebaPreprocessor), kept exactly:
 - continuation (only `src_txt`): t = tok(src) + [<sep>], truncated to sequence_length L;
   inputs t[:-1], labels t[1:]; every real label is trained (tokens 2..n and <sep>).
 - prompt -> target (`src_txt` + `tgt_txt`): t = tok(src) + tok(tgt) + [<sep>], truncated to L;
@@ -230,7 +230,7 @@ def tokenize_rows(
         truncated += len(t) > sequence_length
         t = t[:sequence_length]
         prompts_len = min(len(s), sequence_length)
-        # §8.2: prompt rows train [prompts_len - 1, inputs_len - 1); continuation rows train all labels.
+        # ModelScope's rule: prompt rows train [prompts_len - 1, inputs_len - 1); continuation rows train all labels.
         starts.append(max(prompts_len - 1, 0) if is_prompt else 0)
         text_chars = len(rows[i][TGT] if is_prompt else rows[i][SRC])
         text_tokens = len(t_full) - 1 - (len(s) if is_prompt else 0)  # the trained text's tokens

@@ -24,7 +24,7 @@ class PPLAccumulator:
 
     masked: mean NLL over trained tokens only (target + <sep> in prompt mode; all real tokens in
     continuation mode), the quantity the training loss estimates.
-    modelscope: ModelScope's `ppl` metric (spec §8.3): per batch, the plain mean cross entropy
+    modelscope: ModelScope's `ppl` metric (ModelScope's PplMetric): per batch, the plain mean cross entropy
     over every position of the batch padded to sequence_length - 1 (prompt and 0-padding
     included), averaged over batches weighted by batch size. It depends on padding and batch size
     and is reported only for comparison with ModelScope's numbers.
