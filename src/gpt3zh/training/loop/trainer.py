@@ -756,10 +756,13 @@ def _source(file: str | None, data: Any, key: str, arg: str, remap: dict[str, st
     """One split from a config file path (`key`) or a gpt3zh.train argument (`arg`)."""
     if file is not None and data is not None:
         raise ConfigError(f"{key}={file} and {arg}= are both given; give one of them")
-    if data is None:
-        return None if file is None else DataSource(f"{key} {file}", path=Path(file))
-    if isinstance(data, (str, os.PathLike)):
-        return DataSource(f"{arg} {data}", path=Path(data))
+    if data is None and file is None:
+        return None
+    if data is None or isinstance(data, (str, os.PathLike)):
+        name, path = (f"{key}", Path(file)) if data is None else (arg, Path(data))
+        if not path.exists():
+            raise FileNotFoundError(f"{name}: data file not found: {path}")
+        return DataSource(f"{name} {path}", path=path)
     rows = rows_from_dataset(data, arg, remap)
     return DataSource(arg, rows=rows, mode=detect_mode(rows, arg))
 
