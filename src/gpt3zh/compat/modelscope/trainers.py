@@ -178,6 +178,7 @@ class GPT3Trainer:
     # ---------------------------------------------------------------------------------- files
     def _epoch_end(self, trainer, model, epoch: int) -> None:
         """ModelScope's per-epoch weight files (every rank takes part: a parallel export gathers)."""
+        from ...checkpoint.files import load_torch, save_torch
         if epoch % self.plan.checkpoint_every:
             return
         tmp = self.work_dir / f".tmp-epoch_{epoch}"
@@ -185,11 +186,13 @@ class GPT3Trainer:
         if not trainer.is_main:
             return
         if self.plan.export_format == "megatron":
-            moves = [(p, f"epoch_{epoch}_{p.name}") for p in sorted((tmp / "model").glob("mp_rank_*_model_states.pt"))]
+            for shard in sorted((tmp / "model").glob("mp_rank_*_model_states.pt")):
+                # a bare state dict, as MegatronHook's MpuProcessor writes (the hub's files wrap it in 'module')
+                bare = tmp / f"bare-{shard.name}"
+                save_torch(load_torch(shard, "Megatron shard", mmap=False)["module"], bare)
+                os.replace(bare, self.work_dir / f"epoch_{epoch}_{shard.name}")
         else:
-            moves = [(tmp / "pytorch_model.bin", f"epoch_{epoch}.pth")]
-        for src, name in moves:
-            os.replace(src, self.work_dir / name)
+            os.replace(tmp / "pytorch_model.bin", self.work_dir / f"epoch_{epoch}.pth")
         shutil.rmtree(tmp)
 
     def _finish_output(self, exported: Path) -> None:
