@@ -8,13 +8,18 @@ work_dir what ModelScope leaves. Sockets are refused: nothing may reach the netw
 """
 
 import json
+import os
 import runpy
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
 import torch
 
+import gpt3zh
 from conftest import require_shared
 from gpt3zh.checkpoint import load_model
 from gpt3zh.compat.modelscope import (
@@ -116,6 +121,15 @@ def same_weights(a, b):
 
 
 # ------------------------------------------------------------------------------ the scripts as is
+def test_the_names_import_without_torch_or_datasets():
+    code = ("import sys; from gpt3zh.compat.modelscope import Metrics, Tasks, Trainers; "
+            "assert (Tasks.text_generation, Trainers.gpt3_trainer) == ('text-generation', 'nlp-gpt3-trainer'); "
+            "print(sorted(m for m in ('torch', 'datasets', 'tokenizers') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(Path(gpt3zh.__file__).parents[1])}  # this checkout's package
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
 def test_the_scripts_are_the_cards_own():
     require_shared()
     scripts = card_scripts()
@@ -154,7 +168,6 @@ def test_poetry_card_trains_as_the_native_api_and_leaves_modelscopes_files(card,
     assert result.step == 3
 
 
-@pytest.mark.slow
 def test_dureader_card_prompt_to_target_with_modelscopes_default_metric(card, cache):
     run_script(card, "finetune_dureader", card_scripts()["finetune_dureader"])
     work = card / "gpt3_dureader"
@@ -173,7 +186,6 @@ def test_dureader_card_prompt_to_target_with_modelscopes_default_metric(card, ca
     assert info["mode"] == "prompt" and info["rows_without_trained_tokens"] == 0
 
 
-@pytest.mark.slow
 def test_base_card_single_process_model_and_its_typo(card, cache):
     with pytest.warns(UserWarning, match=r"default_args\['eval_datase'\] is not an argument.*ignored, as ModelScope "
                                          r"ignores it \(did you mean 'eval_dataset'\?\)"):
@@ -304,6 +316,7 @@ def poetry_kwargs(**changes):
         cfg.train.optimizer = {"type": "AdamW", "lr": 3e-4}
         cfg.train.dataloader = {"batch_size_per_gpu": 16, "workers_per_gpu": 1}
         cfg.train.hooks.append({"type": "MegatronHook"})
+        cfg.evaluation.dataloader = {"batch_size_per_gpu": 8, "workers_per_gpu": 1}
         cfg.evaluation.metrics = "ppl"
         changes.pop("modify", lambda c: None)(cfg)
         return cfg
@@ -395,3 +408,40 @@ def test_evaluate_reports_modelscopes_ppl_before_and_after_training(card):
     assert before["ppl"] != after["ppl"]
     with pytest.raises(ConfigError, match=r"already holds"):  # the same work_dir again: refused, not mixed
         build_trainer(name=Trainers.gpt3_trainer, default_args=poetry_kwargs()).train()
+
+
+def test_the_poetry_cards_settings_as_a_gpt3zh_config(card, cache):
+    trainer = build_trainer(name=Trainers.gpt3_trainer, default_args=poetry_kwargs())
+    assert trainer.plan.config == {
+        "model": str(cache[1][MODEL_1_3B]),
+        "preprocessor": {"sequence_length": 128},
+        "train": {"work_dir": "./run", "max_epochs": 1, "seed": 42, "device": "auto", "precision": "fp32",
+                  "dataloader": {"batch_size_per_gpu": 16, "workers_per_gpu": 1, "shuffle": True},
+                  "optimizer": {"type": "AdamW", "lr": 3e-4, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-8,
+                                "options": {"grad_clip": {"max_norm": None}}},  # the card's dict has no options
+                  "lr_scheduler": {"type": "LambdaLR", "options": {"by_epoch": False}},
+                  "gradient_accumulation_steps": 1, "eval_interval": None, "log_interval": 1,  # TextLoggerHook 1
+                  "export_formats": ["megatron"], "bucket_by_length": False},
+        "evaluation": {"metrics": ["ppl"], "dataloader": {"batch_size_per_gpu": 8, "workers_per_gpu": 1,
+                                                          "shuffle": False},  # ModelScope's eval default
+                       "max_new_tokens": TOKENS_TO_GENERATE, "ppl_modelscope": True},
+        "megatron": {"world_size": 1, "tensor_model_parallel_size": 1},
+    }
+    assert (trainer.plan.checkpoint_every, trainer.plan.evaluate) == (1, True)
+
+
+def test_accumulation_reads_a_per_iteration_lambda_at_each_steps_last_iteration(card):
+    seen = []
+
+    def lr_lambda(i):
+        seen.append(i)
+        return 1.0
+
+    def accumulate(cfg):
+        cfg.train.optimizer["options"] = {"cumulative_iters": 2, "grad_clip": {"max_norm": 1.5}}
+
+    trainer = build_trainer(name=Trainers.gpt3_trainer,
+                            default_args=poetry_kwargs(lr_lambda=lr_lambda, modify=accumulate))
+    t = trainer.plan.config["train"]
+    assert t["gradient_accumulation_steps"] == 2 and t["optimizer"]["options"]["grad_clip"]["max_norm"] == 1.5
+    assert [trainer.plan.lr_lambda(s) for s in range(3)] == [1.0] * 3 and seen == [1, 3, 5]

@@ -100,8 +100,7 @@ class GPT3Trainer:
             raise ConfigError("train(checkpoint_path=...): resume a gpt3zh run with gpt3zh.train(..., train={'resume': "
                               "True}) on the same work_dir; ModelScope's checkpoint files are not resumed")
         env = read_env()
-        if env.rank == 0:
-            self._check_work_dir()
+        self._check_work_dir(clean=env.rank == 0)  # every rank raises alike: none waits on a collective
         self.result = train(
             self.plan.config,
             train_dataset=self.train_rows,
@@ -163,12 +162,12 @@ class GPT3Trainer:
 
         load_config(self.plan.config)  # gpt3zh's own checks, before anything is written
 
-    def _check_work_dir(self) -> None:
+    def _check_work_dir(self, clean: bool) -> None:
         """ModelScope files of another run are never mixed with this one's (gpt3zh refuses its own)."""
         wd = self.work_dir
         if not wd.is_dir():
             return
-        for stale in wd.glob(".tmp-epoch_*"):  # a killed run's half-written epoch files
+        for stale in wd.glob(".tmp-epoch_*") if clean else ():  # a killed run's half-written epoch files
             shutil.rmtree(stale, ignore_errors=True)
         found = sorted(p.name for p in wd.glob("epoch_*") if p.name.endswith((".pth", "_model_states.pt")))
         if found:
