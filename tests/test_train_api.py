@@ -7,6 +7,7 @@ one clear message before anything is written.
 
 import csv
 import json
+import logging
 
 import datasets
 import pyarrow as pa
@@ -159,3 +160,28 @@ def test_on_epoch_end_sees_each_epoch_after_its_checkpoint(root):
 
     train(config(root, max_steps=None, max_epochs=2), train_dataset=ROWS, on_epoch_end=on_epoch_end)
     assert calls == [(1, "step-00000003", True), (2, "step-00000006", True)]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_notes_go_through_logging(root, capsys):
+    mixed = ROWS[:6] + [{"src_txt": r["src_txt"]} for r in ROWS[6:]]
+    train(config(root, work="stderr"), train_dataset=mixed)
+    assert "gpt3zh train: train_dataset: 6 of 12 rows have tgt_txt" in capsys.readouterr().err  # no handler set up
+    handler = _Records()
+    logger = logging.getLogger("gpt3zh.train")
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers[:] = [handler]  # the application's own handler: the notes go there instead
+    try:
+        train(config(root, work="handled"), train_dataset=mixed)
+    finally:
+        logger.handlers[:], logger.propagate = saved
+    assert any("6 of 12 rows have tgt_txt" in r.getMessage() for r in handler.records)
+    assert "rows have tgt_txt" not in capsys.readouterr().err

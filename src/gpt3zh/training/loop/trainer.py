@@ -78,7 +78,7 @@ class TrainingError(ValueError):
     and what to do. A ValueError, so the command line prints it as one line."""
 
 
-log = logging.getLogger("gpt3zh.train")
+_logger = logging.getLogger("gpt3zh.train")
 
 
 class _Stderr(logging.StreamHandler):
@@ -101,13 +101,13 @@ def note(message: str, level: int = logging.INFO) -> None:
 
     Unless the application gave the `gpt3zh.train` logger handlers of its own, the lines go to
     stderr as `gpt3zh train: ...` (set up at the first line, never on import)."""
-    if not log.handlers:
+    if not _logger.handlers:
         handler = _Stderr()
         handler.setFormatter(logging.Formatter("gpt3zh train: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False  # the handler above already shows it; a root handler would repeat it
-    log.log(level, message)
+        _logger.addHandler(handler)
+        _logger.setLevel(logging.INFO)
+        _logger.propagate = False  # the handler above already shows it; a root handler would repeat it
+    _logger.log(level, message)
 
 
 @dataclass
