@@ -99,8 +99,7 @@ class _Reader:
             valid = sorted(names or self.read)
             raise ConfigError(
                 f"cfg{'.' if self.where else ''}{self.where}: {unknown_key_message(str(left[0]), valid, 'setting')}; "
-                f"gpt3zh honours the "
-                f"settings listed and refuses others, which would otherwise be silently ignored"
+                f"gpt3zh honours the settings listed and refuses others, which would otherwise be silently ignored"
             )
 
 
@@ -120,7 +119,7 @@ def plan(cfg: Mapping[str, Any], model: ModelInfo, kwargs: dict[str, Any]) -> Pl
         # ModelScope steps the scheduler after every iteration, each micro-batch; the optimizer
         # steps at the last of every `accum` iterations, with the lr of that iteration
         lr_lambda = _per_iteration(lr_lambda, accum)
-    dataloader = _dataloader(train.section("dataloader"), "train", shuffle=True)
+    dataloader = _dataloader(train.section("dataloader"), shuffle=True)
     work_dir = train.get("work_dir") or "./work_dir"  # ModelScope's default
     max_epochs = train.get("max_epochs")
     if not isinstance(max_epochs, int) or isinstance(max_epochs, bool) or max_epochs < 1:
@@ -128,7 +127,7 @@ def plan(cfg: Mapping[str, Any], model: ModelInfo, kwargs: dict[str, Any]) -> Pl
                           f"got {max_epochs!r}")
     train.done()
     metrics = _metrics(evaluation)
-    eval_loader = _dataloader(evaluation.section("dataloader"), "evaluation", shuffle=False)
+    eval_loader = _dataloader(evaluation.section("dataloader"), shuffle=False)
     evaluation.flag("gpu_collect", True)  # results are gathered on every rank anyway
     evaluation.done()
     megatron = _megatron(root.section("megatron"), model)
@@ -301,7 +300,7 @@ def _max_norm(clip: Any) -> float | None:
     return max_norm
 
 
-def _dataloader(d: _Reader, where: str, shuffle: bool) -> dict[str, Any]:
+def _dataloader(d: _Reader, shuffle: bool) -> dict[str, Any]:
     out = {"batch_size_per_gpu": d.number("batch_size_per_gpu", 8, int, 1),
            # gpt3zh cuts batches from its in-memory token cache: worker processes would add nothing
            "workers_per_gpu": d.number("workers_per_gpu", 0, int, 0),
