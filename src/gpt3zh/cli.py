@@ -161,7 +161,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _train_run(args: argparse.Namespace) -> int:
     from .parallel import read_env
-    from .training.distributed import train  # one process, or under torchrun dp x tp processes
+    from .training import train  # one process, or under torchrun dp x tp processes
 
     result = train(args.config, *args.overrides)
     if read_env().rank != 0:

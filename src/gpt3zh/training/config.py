@@ -10,7 +10,6 @@ dotted path and suggests the closest valid one.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import types
@@ -21,11 +20,12 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ..config import ConfigError, GPTConfig
+from ..config import ConfigError, GPTConfig, unknown_key_message
 from ..fileio import read_utf8
 
 Precision = Literal["fp32", "bf16", "fp16"]
-SchedulerType = Literal["noam", "cosine", "constant"]
+# LambdaLR: a Python function step -> factor, passed to gpt3zh.train(lr_lambda=...) (ModelScope's name)
+SchedulerType = Literal["noam", "cosine", "constant", "LambdaLR"]
 Metric = Literal["ppl", "rouge", "bleu"]
 # gpt3zh.checkpoint's formats; "modelscope" is the single-process layout, "megatron" the 1.3B+ one
 EXPORT_FORMATS = ("gpt3zh", "modelscope", "megatron", "hf")
@@ -53,7 +53,8 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerOptions:
-    by_epoch: bool = False  # ModelScope's examples set False; only per-step schedules exist here
+    # ModelScope's examples set False; true (the factor changes once per epoch) only for LambdaLR
+    by_epoch: bool = False
 
 
 @dataclass
@@ -268,7 +269,7 @@ def _flatten(d: dict, prefix: str):
 def _set_dotted(data: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     if _field_type_at(key) is None and not _inside_free_dict(parts):
-        raise ConfigError(f"unknown config key {key!r}{_suggest(key, valid_keys())}")
+        raise _unknown_key(key)
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -313,7 +314,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {path!r}{_suggest(path, valid_keys())}")
+            raise _unknown_key(path)
         kwargs[key] = _coerce(hints[key], value, path)
     return cls(**kwargs)
 
@@ -466,13 +467,17 @@ def _is_dataclass_path(key: str) -> bool:
     return dataclasses.is_dataclass(_field_type_at(key))
 
 
-def _suggest(key: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    if not close:  # compare the last component alone: `train.max_step` -> `train.max_steps`
-        last = key.rsplit(".", 1)[-1]
-        tails = {c.rsplit(".", 1)[-1]: c for c in candidates}
-        close = [tails[c] for c in difflib.get_close_matches(last, list(tails), n=1, cutoff=0.6)]
-    return f"; did you mean {close[0]!r}?" if close else ""
+def _unknown_key(key: str) -> ConfigError:
+    """The one wording of the error (gpt3zh.config.unknown_key_message), offering the keys valid
+    where `key` went wrong, each completed with the rest of `key` when that makes a valid key, so
+    `train.optimzer.lr` suggests `train.optimizer.lr` and `evaluaton.metrics` `evaluation.metrics`."""
+    parts, keys = key.split("."), valid_keys()
+    valid = set(keys)
+    depth = next((i for i in range(len(parts)) if ".".join(parts[: i + 1]) not in valid), len(parts) - 1)
+    prefix, rest = ".".join(parts[:depth]), ".".join(parts[depth + 1 :])
+    siblings = [k for k in keys if k.count(".") == depth and (not prefix or k.startswith(prefix + "."))]
+    names = [f"{k}.{rest}" if rest and f"{k}.{rest}" in valid else k for k in siblings]
+    return ConfigError(unknown_key_message(key, names, "config key"))
 
 
 def _deep_copy(d: Any) -> Any:
@@ -509,8 +514,11 @@ def validate(cfg: TrainConfig) -> None:
     clip = t.optimizer.options.grad_clip.max_norm
     if clip is not None and not clip > 0:
         raise ConfigError(f"train.optimizer.options.grad_clip.max_norm must be > 0 or null, got {clip}")
-    if t.lr_scheduler.options.by_epoch:
-        raise ConfigError("train.lr_scheduler.options.by_epoch: only per-step schedules exist; set it to false")
+    if t.lr_scheduler.options.by_epoch and t.lr_scheduler.type != "LambdaLR":
+        raise ConfigError(
+            f"train.lr_scheduler.options.by_epoch: {t.lr_scheduler.type} is a per-step schedule; set it to false "
+            f"(only LambdaLR takes by_epoch=true)"
+        )
     if t.lr_scheduler.warmup_steps < 0 or (t.lr_scheduler.type == "noam" and t.lr_scheduler.warmup_steps < 1):
         raise ConfigError("train.lr_scheduler.warmup_steps must be >= 1 for noam, >= 0 otherwise")
     if not 0.0 <= t.lr_scheduler.min_lr_ratio <= 1.0:
@@ -529,8 +537,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.model.preset is not None and cfg.tokenizer is None:
         raise ConfigError("tokenizer: a model built from a preset has no tokenizer; set tokenizer: PATH")
-    if cfg.dataset.train is None:
-        raise ConfigError("dataset.train: no training data file given")
+    # dataset.train may be None here: gpt3zh.train(train_dataset=...) brings in-memory data (the
+    # trainer checks that one of the two is given, before it writes anything)
     _validate_megatron(cfg.megatron)
 
 

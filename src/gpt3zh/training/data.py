@@ -155,16 +155,24 @@ def first_row_without_target(rows: list[dict[str, Any]]) -> int | None:
     return next((i for i, r in enumerate(rows, 1) if not _has_target(r)), None)
 
 
-def rows_from_dataset(data: Any, where: str = "dataset") -> list[dict[str, Any]]:
+def rows_from_dataset(
+    data: Any, where: str = "dataset", remap_columns: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     """The src_txt / tgt_txt rows of an in-memory dataset, for `detect_mode` and `tokenize_rows`.
 
     data: a `datasets.Dataset`, an MsDataset (anything with ModelScope's `to_hf_dataset()`, so
     gpt3zh.compat.modelscope's and ModelScope's own), or a list of dicts. As ModelScope's GPT-3
     trainer: src_txt only is continuation training, src_txt + tgt_txt trains the target only.
+    remap_columns: {column: new name}, applied first (as dataset.remap_columns is to a file's rows).
     """
     if hasattr(data, "to_hf_dataset"):
         data = data.to_hf_dataset()
     columns = getattr(data, "column_names", None)  # a datasets.Dataset: check the schema once
+    if remap_columns and columns is not None:
+        data = data.rename_columns({k: v for k, v in remap_columns.items() if k in columns})
+        columns = data.column_names
+    elif remap_columns and isinstance(data, (list, tuple)):
+        data = [{remap_columns.get(k, k): v for k, v in r.items()} if isinstance(r, Mapping) else r for r in data]
     if columns is not None:
         if SRC not in columns:
             raise DataError(
@@ -311,18 +319,47 @@ def load_token_rows(
     progress: bool | None = False,
 ) -> TokenRows:
     """Read, check and tokenize a data file once; later calls load the cached arrays."""
-    key = None
-    if cache_dir is not None:
-        tokenizer_id = tokenizer_id or tokenizer_fingerprint(tok)
-        parts = [CACHE_VERSION, file_digest(path), tokenizer_id, sequence_length, sorted((remap_columns or {}).items())]
-        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
-        cached = Path(cache_dir) / f"tokens-{key}.npz"
-        if cached.is_file():
-            return _load_cache(cached)
-    rows = read_rows(path, remap_columns)
-    data = tokenize_rows(rows, tok, sequence_length, detect_mode(rows, str(path)), progress)
-    if key is not None:
-        _save_cache(data, Path(cache_dir) / f"tokens-{key}.npz")
+    def build() -> TokenRows:
+        rows = read_rows(path, remap_columns)
+        return tokenize_rows(rows, tok, sequence_length, detect_mode(rows, str(path)), progress)
+
+    if cache_dir is None:
+        return build()
+    tokenizer_id = tokenizer_id or tokenizer_fingerprint(tok)
+    parts = [CACHE_VERSION, file_digest(path), tokenizer_id, sequence_length, sorted((remap_columns or {}).items())]
+    return _through_cache(parts, Path(cache_dir), build)
+
+
+def load_rows_tokens(
+    rows: list[dict[str, Any]],
+    mode: str,
+    tok,
+    sequence_length: int,
+    cache_dir: str | Path | None = None,
+    tokenizer_id: str | None = None,
+    progress: bool | None = False,
+) -> TokenRows:
+    """`tokenize_rows` of in-memory rows (checked by rows_from_dataset + detect_mode), cached by
+    their content as a file is by its bytes: under torchrun every rank holds the same rows, and
+    the ranks after rank 0 read its cache instead of tokenizing again."""
+    def build() -> TokenRows:
+        return tokenize_rows(rows, tok, sequence_length, mode, progress)
+
+    if cache_dir is None:
+        return build()
+    texts = json.dumps([[r[SRC], r.get(TGT)] for r in rows], ensure_ascii=False)
+    parts = [CACHE_VERSION, "rows", hashlib.sha256(texts.encode()).hexdigest(), mode,
+             tokenizer_id or tokenizer_fingerprint(tok), sequence_length]
+    return _through_cache(parts, Path(cache_dir), build)
+
+
+def _through_cache(key_parts: list, cache_dir: Path, build) -> TokenRows:
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:24]
+    cached = cache_dir / f"tokens-{key}.npz"
+    if cached.is_file():
+        return _load_cache(cached)
+    data = build()
+    _save_cache(data, cached)
     return data
 
 

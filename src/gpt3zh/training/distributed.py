@@ -1,4 +1,5 @@
-"""The data x tensor parallel trainer: `torchrun --nproc_per_node N -m gpt3zh train CONFIG`.
+"""The data x tensor parallel trainer: `torchrun --nproc_per_node N -m gpt3zh train CONFIG`, or
+`gpt3zh.train(...)` in a script started by torchrun (gpt3zh.training.train picks this trainer).
 
 `DistributedTrainer` is `Trainer` with its parallel parts swapped (the loop itself is shared):
 
@@ -37,17 +38,16 @@ from ..parallel import (
     clip_grad_norm_,
     init_process_group,
     parallelize,
-    read_env,
     token_losses,
 )
-from .config import TrainConfig, load_config
+from .config import TrainConfig
 from .data import Batch
 from .loop import Trainer
 from .loop.trainer import (
     CKPT_DIR,
     STATE_FILE,
+    Extras,
     _discard,
-    _output_name,
     _rng_state,
     _set_rng_state,
     _step_name,
@@ -70,9 +70,9 @@ def layout(cfg: TrainConfig, world_size: int, gpt_cfg) -> ParallelDims:
 
 
 class DistributedTrainer(Trainer):
-    def __init__(self, cfg: TrainConfig, env: DistEnv) -> None:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, extras: Extras | None = None) -> None:
         self.env = env
-        super().__init__(cfg, rank=0, world=1)  # data rank / world are set once the mesh exists
+        super().__init__(cfg, rank=0, world=1, extras=extras)  # data rank / world are set once the mesh exists
         self.is_main = env.rank == 0
 
     def resolve_device(self) -> torch.device:
@@ -174,7 +174,7 @@ class DistributedTrainer(Trainer):
         _set_rng_state(rest["rng"])
         return int(rest["step"])
 
-    def export(self, model, tok) -> Path | None:
+    def export(self, model, tok, dests: dict[str, Path] | None = None) -> Path | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         from ..checkpoint import save_model
@@ -188,8 +188,7 @@ class DistributedTrainer(Trainer):
                 whole = GPT(self.gpt_cfg)
             whole.load_state_dict(sd, assign=True)
             shards = self.cfg.megatron.checkpoint_tensor_model_parallel_size or self.dims.tp
-            for fmt in self.cfg.train.export_formats:
-                dest = self.work_dir / _output_name(fmt)
+            for fmt, dest in (dests or self.export_dests()).items():
                 tp = shards if fmt == "megatron" else 1
                 save_model(whole, dest, format=fmt, tp=tp, tokenizer=tok, overwrite=True, generation=self.generation)
                 out = out or dest
@@ -210,22 +209,3 @@ class _FullLogits:
 
     def __getattr__(self, name: str):
         return getattr(self.model, name)
-
-
-def wants_distributed(cfg: TrainConfig, env: DistEnv) -> bool:
-    m = cfg.megatron
-    return env.world_size > 1 or m.world_size > 1 or m.tensor_model_parallel_size > 1
-
-
-def train(config_or_path, *overrides: str, env: DistEnv | None = None):
-    """`gpt3zh.training.train`, but under torchrun (or a megatron block asking for > 1 process) the
-    distributed trainer. The process group is torn down on the way out, error or not."""
-    cfg = load_config(config_or_path, list(overrides))
-    env = env or read_env()
-    if not wants_distributed(cfg, env):
-        return Trainer(cfg).run()
-    try:
-        return DistributedTrainer(cfg, env).run()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -4,6 +4,10 @@
 before step 1, then for each optimizer step: collate the step's micro-batches, forward/backward
 with autocast, clip, step, log; evaluate and checkpoint on their intervals; export at the end.
 
+What a config file cannot hold comes in `Extras`: in-memory datasets (a `datasets.Dataset`, an
+MsDataset, a list of dicts), a Python learning-rate function (`LambdaLR`), and a callback at each
+epoch's end (gpt3zh.compat.modelscope writes ModelScope's per-epoch files with it).
+
 The parts a parallel trainer replaces are methods with one job each: `build_model`,
 `build_optimizer`, `shard` (rank and world are attributes passed in, never read from the
 environment), `all_reduce_sum`, `save_checkpoint` / `load_checkpoint`, `export`. The data
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,15 +53,19 @@ from ..data import (
     Batch,
     TokenRows,
     collate,
+    detect_mode,
     epoch_batches,
     first_row_without_target,
+    load_rows_tokens,
     load_token_rows,
     read_rows,
+    rows_from_dataset,
     shard,
     tokenizer_fingerprint,
 )
+from ..evaluate import evaluate_generation, evaluate_ppl
 from ..optim import apply_activation_checkpointing, build_optimizer, estimate_memory, format_estimate
-from ..schedules import lr_factor
+from ..schedules import LRLambda, lr_factors
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "state.pt"
@@ -68,9 +78,36 @@ class TrainingError(ValueError):
     and what to do. A ValueError, so the command line prints it as one line."""
 
 
-def note(message: str) -> None:
-    """A line for the person running the job, on stderr (stdout ends with the JSON summary)."""
-    print(f"gpt3zh train: {message}", file=sys.stderr, flush=True)
+_logger = logging.getLogger("gpt3zh.train")
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (a redirect, a test's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def note(message: str, level: int = logging.INFO) -> None:
+    """A line for the person running the job, through logging (stdout ends with the JSON summary).
+
+    Unless the application gave the `gpt3zh.train` logger handlers of its own, the lines go to
+    stderr as `gpt3zh train: ...` (set up at the first line, never on import)."""
+    if not _logger.handlers:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("gpt3zh train: %(message)s"))
+        _logger.addHandler(handler)
+        _logger.setLevel(logging.INFO)
+        _logger.propagate = False  # the handler above already shows it; a root handler would repeat it
+    _logger.log(level, message)
 
 
 @dataclass
@@ -83,9 +120,36 @@ class TrainResult:
     best_checkpoint: Path | None = None
 
 
+@dataclass(frozen=True)
+class Extras:
+    """What a config file cannot hold (gpt3zh.train's keyword arguments).
+
+    train_dataset / eval_dataset: a `datasets.Dataset`, an MsDataset, a list of dicts (rows with
+    src_txt, optionally tgt_txt, as ModelScope's trainer reads them) or a data file path, instead
+    of dataset.train / dataset.eval. lr_lambda: step (or epoch, with by_epoch) -> lr factor, for
+    train.lr_scheduler.type=LambdaLR. on_epoch_end(trainer, model, epoch): called on every rank
+    after epoch `epoch` (1-based) and its checkpoint; a collective (trainer.export) is allowed."""
+
+    train_dataset: Any = None
+    eval_dataset: Any = None
+    lr_lambda: LRLambda | None = None
+    on_epoch_end: Callable[[Trainer, torch.nn.Module, int], None] | None = None
+
+
+@dataclass
+class DataSource:
+    """One split: a data file, or in-memory rows already checked (their columns and types)."""
+
+    name: str  # how messages name it: "dataset.train FILE" or "train_dataset"
+    path: Path | None = None
+    rows: list[dict[str, Any]] | None = None
+    mode: str | None = None
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, cfg: TrainConfig, rank: int = 0, world: int = 1, extras: Extras | None = None) -> None:
         self.cfg = cfg
+        self.extras = extras or Extras()
         self.rank, self.world = rank, world
         self.work_dir = Path(cfg.train.work_dir)
         self.device = self.resolve_device()
@@ -189,25 +253,29 @@ class Trainer:
             raise CheckpointError(f"{path / STATE_FILE}: not a training state (no {', '.join(sorted(missing))})")
         return state
 
-    def export(self, model: torch.nn.Module, tok) -> Path | None:
+    def export(self, model: torch.nn.Module, tok, dests: dict[str, Path] | None = None) -> Path | None:
+        """Write the model as model directories {format: dir} (default: train.export_formats in the
+        work_dir); returns the first. Called on every rank (a parallel export gathers)."""
         from ...checkpoint import save_model
 
         if not self.is_main:
             return None
         _check_finite(model, "export")
         out = None
-        for fmt in self.cfg.train.export_formats:
-            dest = self.work_dir / _output_name(fmt)
+        for fmt, dest in (dests or self.export_dests()).items():
             save_model(model, dest, format=fmt, tokenizer=tok, overwrite=True, generation=self.generation)
             out = out or dest
         return out
 
+    def export_dests(self) -> dict[str, Path]:
+        return {fmt: self.work_dir / _output_name(fmt) for fmt in self.cfg.train.export_formats}
+
     # -------------------------------------------------------------------------------------- setup
     def prepare(self) -> None:
-        """Every check that can fail on user input, before any training work."""
+        """Every check that can fail on user input, before any training work. Nothing is written
+        before the data sources, the model, the tokenizer and the schedule's first value pass."""
         cfg = self.cfg
-        if self.is_main:
-            self.prepare_work_dir()
+        self.train_source, self.eval_source = self.data_sources()
         self.gpt_cfg = self.model_config()
         L = cfg.preprocessor.sequence_length
         if L > self.gpt_cfg.max_seq_len:
@@ -222,25 +290,26 @@ class Trainer:
                 f"vocab_size {self.gpt_cfg.vocab_size}"
             )
         self.generation = self.generation_defaults()
+        lr_factors(cfg.train.lr_scheduler, 1, 1, self.extras.lr_lambda)  # a bad schedule fails before any write
+        if self.is_main:
+            self.prepare_work_dir()
         tok_id = tokenizer_fingerprint(self.tok, tok_source)
         progress = _progress_setting(cfg.train.progress_bar, self.is_main)
-        load = lambda p: load_token_rows(
-            p, self.tok, L, cfg.dataset.remap_columns, self.work_dir / "cache", tok_id, progress
-        )
-        self.train_data: TokenRows = load(cfg.dataset.train)
+        self.train_data: TokenRows = self.load_tokens(self.train_source, tok_id, progress)
         if int(self.train_data.trained_tokens.sum()) == 0:
-            raise ConfigError(f"dataset.train {cfg.dataset.train}: no trainable tokens after preprocessing")
-        self.eval_data: TokenRows | None = load(cfg.dataset.eval) if cfg.dataset.eval else None
+            raise ConfigError(f"{self.train_source.name}: no trainable tokens after preprocessing")
+        src = self.eval_source
+        self.eval_data: TokenRows | None = self.load_tokens(src, tok_id, progress) if src else None
         if self.eval_data is not None and int(self.eval_data.trained_tokens.sum()) == 0:
-            raise ConfigError(f"dataset.eval {cfg.dataset.eval}: no token to score (every row is empty after preprocessing)")
+            raise ConfigError(f"{src.name}: no token to score (every row is empty after preprocessing)")
         self.eval_rows = None
         wants_text = {"rouge", "bleu"} & set(cfg.evaluation.metrics)
         if wants_text and self.eval_data is not None:
-            self.eval_rows = read_rows(cfg.dataset.eval, cfg.dataset.remap_columns)
+            self.eval_rows = src.rows if src.rows is not None else read_rows(src.path, cfg.dataset.remap_columns)
             if self.eval_data.mode != "prompt":
                 row = first_row_without_target(self.eval_rows)
                 raise ConfigError(
-                    f"evaluation.metrics rouge/bleu need prompt->target eval data: dataset.eval {cfg.dataset.eval} "
+                    f"evaluation.metrics rouge/bleu need prompt->target eval data: {src.name} "
                     f"row {row} has no tgt_txt"
                 )
         # Rows with no trained label (a prompt that fills sequence_length) add nothing to the loss
@@ -251,10 +320,28 @@ class Trainer:
         accum = cfg.train.gradient_accumulation_steps
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
         self.total_steps = cfg.train.max_steps or cfg.train.max_epochs * self.steps_per_epoch
+        self.lr_factors = lr_factors(cfg.train.lr_scheduler, self.total_steps, self.steps_per_epoch,
+                                     self.extras.lr_lambda)
         d = self.train_data
         if self.is_main and d.mode == "mixed":
-            note(f"dataset.train {cfg.dataset.train}: {d.with_target} of {len(d)} rows have tgt_txt and train their "
+            note(f"{self.train_source.name}: {d.with_target} of {len(d)} rows have tgt_txt and train their "
                  f"target only; the other {len(d) - d.with_target} train all their tokens (ModelScope's rule per row)")
+
+    def data_sources(self) -> tuple[DataSource, DataSource | None]:
+        """The train and eval splits: a file from the config or a dataset from Extras (one of
+        the two per split). In-memory rows are checked here, before anything is written."""
+        ds = self.cfg.dataset
+        train = _source(ds.train, self.extras.train_dataset, "dataset.train", "train_dataset", ds.remap_columns)
+        if train is None:
+            raise ConfigError("dataset.train: no training data given (a data file, or train_dataset= in gpt3zh.train)")
+        return train, _source(ds.eval, self.extras.eval_dataset, "dataset.eval", "eval_dataset", ds.remap_columns)
+
+    def load_tokens(self, src: DataSource, tok_id: str, progress: bool | None) -> TokenRows:
+        """Token rows of a split, through the token cache in work_dir/cache."""
+        L, cache = self.cfg.preprocessor.sequence_length, self.work_dir / "cache"
+        if src.path is not None:
+            return load_token_rows(src.path, self.tok, L, self.cfg.dataset.remap_columns, cache, tok_id, progress)
+        return load_rows_tokens(src.rows, src.mode, self.tok, L, cache, tok_id, progress)
 
     def generation_defaults(self) -> GenerationDefaults:
         """What the checkpoints and the export say about generation: a fine-tuned directory keeps its
@@ -337,7 +424,7 @@ class Trainer:
             model.train()
             while step < self.total_steps:
                 t0 = time.perf_counter()
-                lr = t.optimizer.lr * lr_factor(t.lr_scheduler, step, self.total_steps)
+                lr = t.optimizer.lr * self.lr_factors[step]
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss, n_tok, grad_norm = self.train_step(model, optimizer, scaler, self.micro_batches(step), step, lr)
@@ -357,6 +444,9 @@ class Trainer:
                     model.train()
                 if self._due(step, t.save_interval, end_of_epoch) or step == self.total_steps:
                     best = self.checkpoint(model, optimizer, scaler, step, last_eval, best)
+                if step % self.steps_per_epoch == 0 and self.extras.on_epoch_end is not None:
+                    self.extras.on_epoch_end(self, model, step // self.steps_per_epoch)
+                    model.train()
         finally:
             bar.close()
             log.close(plot=False)
@@ -408,8 +498,6 @@ class Trainer:
         )
 
     def evaluate(self, model) -> dict[str, Any]:
-        from ...evaluation import evaluate_generation, evaluate_ppl
-
         ev = self.cfg.evaluation
         model.eval()
         out = evaluate_ppl(
@@ -455,7 +543,8 @@ class Trainer:
                 if self.cfg.train.resume is not True:
                     raise
                 skipped.append(f"{path.name}: {str(err).splitlines()[0].removeprefix(f'{path / STATE_FILE}: ')}")
-                note(f"train.resume: {path / STATE_FILE} cannot be read; falling back to the checkpoint before it")
+                note(f"train.resume: {path / STATE_FILE} cannot be read; falling back to the checkpoint before it",
+                     logging.WARNING)
                 continue
             self.check_resumable(path, state, model)
             model.load_state_dict(state["model"])
@@ -536,7 +625,7 @@ class Trainer:
         }
         log.info(info)
         if self.device.type == "cuda" and self.is_main:
-            print(format_estimate(est))
+            note(format_estimate(est))
 
 
 def token_loss_sum(model, batch: Batch) -> torch.Tensor:
@@ -566,7 +655,7 @@ class RunLog:
 
             self.tb = SummaryWriter(str(work_dir / "tb"), purge_step=start_step or None)
         except ImportError:
-            print("gpt3zh train: tensorboard is not installed (pip install 'gpt3zh[train]'); no event files")
+            note("tensorboard is not installed (pip install 'gpt3zh[train]'); no event files", logging.WARNING)
 
     def _write(self, record: dict) -> None:
         with writing(self.path):
@@ -636,7 +725,7 @@ def plot_loss_curve(log_path: Path, dest: Path) -> Path | None:
         matplotlib.use("Agg")  # files only; never open a window
         import matplotlib.pyplot as plt
     except ImportError:
-        print("gpt3zh train: matplotlib is not installed (pip install 'gpt3zh[train]'); no loss curve")
+        note("matplotlib is not installed (pip install 'gpt3zh[train]'); no loss curve", logging.WARNING)
         return None
     records = read_log(log_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -663,6 +752,21 @@ def plot_loss_curve(log_path: Path, dest: Path) -> Path | None:
 
 
 # ------------------------------------------------------------------------------- small utilities
+def _source(file: str | None, data: Any, key: str, arg: str, remap: dict[str, str]) -> DataSource | None:
+    """One split from a config file path (`key`) or a gpt3zh.train argument (`arg`)."""
+    if file is not None and data is not None:
+        raise ConfigError(f"{key}={file} and {arg}= are both given; give one of them")
+    if data is None and file is None:
+        return None
+    if data is None or isinstance(data, (str, os.PathLike)):
+        name, path = (f"{key}", Path(file)) if data is None else (arg, Path(data))
+        if not path.exists():
+            raise FileNotFoundError(f"{name}: data file not found: {path}")
+        return DataSource(f"{name} {path}", path=path)
+    rows = rows_from_dataset(data, arg, remap)
+    return DataSource(arg, rows=rows, mode=detect_mode(rows, arg))
+
+
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
