@@ -152,10 +152,12 @@ def json_safe(value):
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (any supported format)")
-    p.add_argument("--data", required=True, help="JSONL / JSON / CSV / parquet file with src_txt (and tgt_txt)")
+    p.add_argument("--data", required=True, help="JSONL / JSON / CSV / parquet file with src_txt (and tgt_txt), "
+                   "or multiple-choice rows {context, choices, gold}")
     p.add_argument(
-        "--metric", action="append", choices=["ppl", "rouge", "bleu"],
-        help="repeatable; default: ppl for continuation data, ppl+rouge+bleu for prompt->target data",
+        "--metric", action="append", choices=["ppl", "rouge", "bleu", "acc"],
+        help="repeatable; default: ppl for continuation data, ppl+rouge+bleu for prompt->target data, "
+        "acc (acc and acc_norm) for multiple-choice data (rows with context, choices, gold)",
     )
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's)")
     p.add_argument("--sequence-length", type=int,
