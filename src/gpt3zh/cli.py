@@ -97,12 +97,17 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel shards (megatron only)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the weights (default: keep)")
     p.add_argument("--force", action="store_true", help="replace a non-empty DST that is not a model directory")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="SRC is a LoRA adapter directory (or --adapter one for SRC): write base + adapter merged, "
+                   "as a plain model")
+    p.add_argument("--adapter", help="a LoRA adapter directory for the model SRC (with --merge-lora)")
 
 
 def _convert_run(args: argparse.Namespace) -> int:
     from .checkpoint import convert, describe
 
-    out = convert(args.src, args.dst, to=args.to, tp=args.tp, overwrite=args.force, dtype=args.dtype)
+    out = convert(args.src, args.dst, to=args.to, tp=args.tp, overwrite=args.force, dtype=args.dtype,
+                  merge_lora=args.merge_lora, adapter=args.adapter)
     desc = describe(out)
     shards = f", {desc.extra['tp']} TP shards" if "tp" in desc.extra else ""
     print(f"wrote {out} ({desc.format}, {desc.extra.get('dtype')}{shards})")
@@ -159,6 +164,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         help="repeatable; default: ppl for continuation data, ppl+rouge+bleu for prompt->target data, "
         "acc (acc and acc_norm) for multiple-choice data (rows with context, choices, gold)",
     )
+    p.add_argument("--adapter", help="a LoRA adapter directory for --model (an adapter directory that names its "
+                   "base can also be given as --model)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's)")
     p.add_argument("--sequence-length", type=int,
                    help="truncate rows as training does (default: 512 or the model's context if shorter)")
@@ -188,6 +195,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", help="model directory to serve (any supported format; its tokenizer beside it; "
                    "default: the embedded poetry-small model)")
+    p.add_argument("--adapter", help="a LoRA adapter directory, merged into --model at load (an adapter directory "
+                   "that names its base can also be given as --model)")
     p.add_argument("--model-id", help="the name clients pass as `model` (default: the directory name)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the weights (default: keep)")
@@ -215,10 +224,10 @@ def _serve_run(args: argparse.Namespace) -> int:
     from .serve import serve
     from .tokenizer import load_tokenizer
 
-    loaded = load_pretrained(model_dir, device=args.device, dtype=args.dtype)
-    tokenizer = load_tokenizer(model_dir)
-    serve(loaded.model, tokenizer, config, args.model_id or model_dir.resolve().name, loaded.generation,
-          inference_options(args))
+    loaded = load_pretrained(model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
+    tokenizer = load_tokenizer(loaded.path)
+    name = Path(args.adapter or model_dir).resolve().name
+    serve(loaded.model, tokenizer, config, args.model_id or name, loaded.generation, inference_options(args))
     return 0
 
 

@@ -199,15 +199,16 @@ def run_eval(
     device: str = "auto",
     ppl_modelscope: bool = True,
     progress: bool | None = False,
+    adapter: str | None = None,
 ) -> dict[str, Any]:
-    from .checkpoint import load_model
+    from .checkpoint import load_pretrained
     from .config import ConfigError
     from .tokenizer import load_tokenizer
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     rows = read_rows(data_path, remap_columns)
     if is_choice_data(rows):
-        return _run_choice_eval(model_path, data_path, rows, metrics, tokenizer, batch_size, max_rows, dev)
+        return _run_choice_eval(model_path, data_path, rows, metrics, tokenizer, batch_size, max_rows, dev, adapter)
     if metrics and "acc" in metrics:
         raise ConfigError(f"--metric acc needs multiple-choice data ({', '.join(CHOICE_COLUMNS)} in every row); "
                           f"{data_path} row 1 has no 'choices'")
@@ -218,13 +219,14 @@ def run_eval(
             f"--metric rouge/bleu needs prompt->target data: {data_path} row {first_row_without_target(rows)} "
             f"has no {TGT}"
         )
-    model = load_model(model_path).to(dev).eval()
+    loaded = load_pretrained(model_path, adapter=adapter)
+    model = loaded.model.to(dev).eval()
     sequence_length = sequence_length or min(512, model.config.max_seq_len)
     if sequence_length > model.config.max_seq_len:
         raise ConfigError(
             f"--sequence-length {sequence_length} exceeds the model's context {model.config.max_seq_len}"
         )
-    tok = load_tokenizer(tokenizer or model_path)
+    tok = load_tokenizer(tokenizer or loaded.path)
     data = tokenize_rows(rows, tok, sequence_length, mode, progress)
     n = len(data) if max_rows is None else min(max_rows, len(data))
     if not data.trained_tokens[:n].any():
@@ -237,8 +239,9 @@ def run_eval(
     return out
 
 
-def _run_choice_eval(model_path, data_path, rows, metrics, tokenizer, batch_size, max_rows, dev) -> dict[str, Any]:
-    from .checkpoint import load_model
+def _run_choice_eval(model_path, data_path, rows, metrics, tokenizer, batch_size, max_rows, dev,
+                     adapter=None) -> dict[str, Any]:
+    from .checkpoint import load_pretrained
     from .config import ConfigError
     from .tokenizer import load_tokenizer
 
@@ -246,8 +249,9 @@ def _run_choice_eval(model_path, data_path, rows, metrics, tokenizer, batch_size
         raise ConfigError(f"{data_path} is multiple-choice data (rows with choices): it is scored by --metric acc "
                           f"(acc and acc_norm), not {', '.join(m for m in metrics if m != 'acc')}")
     check_choice_rows(rows, str(data_path))  # before the (possibly large) model load
-    model = load_model(model_path).to(dev).eval()
-    tok = load_tokenizer(tokenizer or model_path)
+    loaded = load_pretrained(model_path, adapter=adapter)
+    model = loaded.model.to(dev).eval()
+    tok = load_tokenizer(tokenizer or loaded.path)
     out: dict[str, Any] = {"model": str(model_path), "data": str(data_path), "mode": "choice"}
     out.update(evaluate_choices(model, tok, rows, batch_size, max_rows))
     return out
@@ -269,7 +273,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     result = run_eval(
         args.model, args.data, args.metric, args.tokenizer, args.sequence_length, args.batch_size,
         args.max_new_tokens, args.limit, remap, args.device, not args.no_ppl_modelscope,
-        progress=True if args.progress else None,
+        progress=True if args.progress else None, adapter=args.adapter,
     )
     if args.json:
         from .cli import json_safe
