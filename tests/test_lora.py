@@ -301,3 +301,25 @@ def test_resuming_a_lora_checkpoint_on_another_base_is_refused(base, tmp_path):
     first["train"]["lora"] = {"r": 0}
     with pytest.raises(ValueError, match="holds LoRA adapters; resume it with the train.lora"):
         train(first, "train.resume=true")
+
+
+# ------------------------------------------------------------------------------------------ plan
+def test_plan_lora_counts_the_adapters_peft_adds_and_fits_13b_and_30b(capsys):
+    from gpt3zh.cli import main
+    from gpt3zh.planning import GiB, plan_lora
+
+    model = GPT(CONFIG)
+    lora.add_lora(model, lora.peft_config(4, 8, 0.0, TARGETS))
+    trained = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    plan = plan_lora(CONFIG, r=4, base_dtype=torch.float32)
+    assert plan.adapter_params == trained and plan.base_params == CONFIG.num_params
+    assert plan.optimizer >= 8 * trained and plan.grads == plan.adapters == 4 * trained
+    assert main(["plan", "--preset", "13B", "--lora", "--json"]) == 0
+    p13 = json.loads(capsys.readouterr().out)
+    assert p13["fits"] and 23 * GiB < p13["base"] < 25 * GiB  # 13B in bf16, no gradients or moments for it
+    assert main(["plan", "--preset", "30B", "--lora", "--json"]) == 0
+    assert not json.loads(capsys.readouterr().out)["fits"]  # 2048 tokens of activations on top of 56 GiB
+    assert main(["plan", "--preset", "30B", "--lora", "--activation-checkpointing", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"]
+    assert main(["plan", "--preset", "13B", "--lora", "--tp", "2"]) == 2
+    assert "LoRA with tensor parallelism is not supported" in capsys.readouterr().err

@@ -244,11 +244,35 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="activation dtype (autocast)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
     p.add_argument("--rank", type=int, default=0, help="which rank to measure (FSDP shards can be uneven)")
+    p.add_argument("--lora", action="store_true", help="LoRA fine-tuning on one GPU (train.lora) instead of a full one")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (with --lora; default 8)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (with --lora; > 0 keeps more activations)")
+    p.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                   help="dtype of the frozen base (with --lora; default bf16)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _plan_lora_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .planning import format_lora_plan, plan_lora
+
+    if args.dp is not None or args.tp is not None:
+        raise CLIError("plan --lora: plans one GPU; LoRA with tensor parallelism is not supported (leave out --dp/--tp)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.base_dtype]
+    plan = plan_lora(PRESETS[args.preset], r=args.lora_r, base_dtype=dtype, seq_len=args.seq,
+                     micro_batch=args.micro_batch, gpu_mem_gib=args.gpu_mem, dropout=args.lora_dropout,
+                     act_bytes=2 if args.precision == "bf16" else 4,
+                     activation_checkpointing=args.activation_checkpointing)
+    print(json.dumps({"preset": args.preset, **plan.to_dict()}) if args.json else format_lora_plan(args.preset, plan))
+    return 0
 
 
 def _plan_run(args: argparse.Namespace) -> int:
     import torch
+
+    if args.lora:
+        return _plan_lora_run(args)
 
     from .parallel import ParallelDims
     from .planning import format_plan, plan_layout, search
