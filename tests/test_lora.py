@@ -212,6 +212,11 @@ def test_save_load_generate_round_trip_everywhere(base, tmp_path, capsys):
     capsys.readouterr()
     assert main(["convert", str(adapter), str(tmp_path / "no"), "--to", "gpt3zh"]) == 2
     assert "is a LoRA adapter: pass merge_lora=True (--merge-lora)" in capsys.readouterr().err
+    # info describes the base and names the adapter; an adapter is not a base to train a LoRA on
+    assert main(["info", str(adapter)]) == 0
+    assert f"lora_adapter {adapter}" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="is a LoRA adapter: train.lora needs a plain base"):
+        train(run_config(adapter, tmp_path, "again"))
     # the server: --model BASE --adapter DIR
     import argparse
 

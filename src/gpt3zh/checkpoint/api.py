@@ -32,11 +32,27 @@ class ModelDirInfo:
 
 
 def describe(path: PathLike) -> ModelDirInfo:
-    """Format, config and generation defaults of a model directory (or ModelScope id)."""
+    """Format, config and generation defaults of a model directory (or ModelScope id); for a LoRA
+    adapter directory, its base's, with the adapter named in `extra`."""
     d = resolve_model(path)
+    if lora.is_adapter_dir(d):
+        return _describe_adapter(d)
     fmt = formats.detect(d)
     cfg, gen = fmt.read_config(d)
     return ModelDirInfo(fmt.name, cfg, gen, {**fmt.extra(d), "tokenizer": _tokenizer_kind(d)})
+
+
+def _describe_adapter(d: Path) -> ModelDirInfo:
+    record = lora.read_base(d)
+    base = resolve_model(lora.base_location(d, record))
+    info = describe(base)
+    config = read_json(d / lora.ADAPTER_CONFIG, "peft adapter config")
+    generation = info.generation
+    if record is not None and "generation" in record:
+        generation = GenerationDefaults.from_dict(record["generation"], f"{d / lora.BASE_FILE} generation")
+    extra = {**info.extra, "lora_adapter": str(d), "lora_r": config.get("r"), "lora_base": str(base),
+             "tokenizer": _tokenizer_kind(d)}
+    return ModelDirInfo(info.format, info.config, generation, extra)
 
 
 def _tokenizer_kind(d: Path) -> str:
@@ -90,6 +106,8 @@ def inspect_weights(path: PathLike) -> WeightsReport:
     """Names and shapes of the real tensors (safetensors headers, memory-mapped torch files; no
     tensor data is read), checked against the directory's config."""
     d = Path(path)
+    if lora.is_adapter_dir(d):  # the base's weights (the adapter's are checked when it is loaded)
+        d = resolve_model(lora.base_location(d, lora.read_base(d)))
     fmt = formats.detect(d)
     cfg, _ = fmt.read_config(d)
     files = fmt.weight_shapes(d)

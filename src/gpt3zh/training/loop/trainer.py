@@ -263,6 +263,8 @@ class Trainer:
                 f"preprocessor.sequence_length={L} exceeds the model's context "
                 f"(max_seq_len={self.gpt_cfg.max_seq_len}); use at most {self.gpt_cfg.max_seq_len}"
             )
+        if self.lora is not None:
+            self.check_lora_base()
         self.tok, tok_source = self.load_tokenizer()
         if self.tok.vocab_size > self.gpt_cfg.vocab_size:
             raise ConfigError(
@@ -303,6 +305,15 @@ class Trainer:
         if self.is_main and d.mode == "mixed":
             note(f"dataset.train {cfg.dataset.train}: {d.with_target} of {len(d)} rows have tgt_txt and train their "
                  f"target only; the other {len(d) - d.with_target} train all their tokens (ModelScope's rule per row)")
+
+    def check_lora_base(self) -> None:
+        from ...checkpoint import lora
+        from ...hub import resolve_model
+
+        if lora.is_adapter_dir(resolve_model(self.cfg.model.path)):
+            raise ConfigError(f"model {self.cfg.model.path} is a LoRA adapter: train.lora needs a plain base; write "
+                              f"one with `gpt3zh convert {self.cfg.model.path} MERGED --to gpt3zh --merge-lora` and "
+                              f"train on MERGED")
 
     def generation_defaults(self) -> GenerationDefaults:
         """What the checkpoints and the export say about generation: a fine-tuned directory keeps its
