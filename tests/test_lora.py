@@ -104,6 +104,7 @@ def test_trainer_steps_move_adapters_only(base, tmp_path):
     trainer = Trainer(load_config(run_config(base, tmp_path, max_steps=3)))
     trainer.prepare()
     model = trainer.build_model(trainer.gpt_cfg)
+    assert "LoRA r=4 on 1 GPU (4,096 trained parameters" in trainer.lora_estimate()  # printed on CUDA
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = trainer.build_optimizer(model)
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {

@@ -611,7 +611,25 @@ class Trainer:
         }
         log.info(info)
         if self.device.type == "cuda" and self.is_main:
-            print(format_estimate(est))
+            print(self.lora_estimate() if self.lora is not None else format_estimate(est))
+
+    def lora_estimate(self) -> str:
+        """gpt3zh plan --lora for this run (the full fine-tuning estimate does not apply)."""
+        from ...planning import format_lora_plan, plan_lora
+
+        t, c = self.cfg.train, self.lora
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[c.base_dtype]
+        plan = plan_lora(self.gpt_cfg, r=c.r, targets=tuple(c.target_modules), base_dtype=dtype,
+                         seq_len=self.cfg.preprocessor.sequence_length, micro_batch=t.dataloader.batch_size_per_gpu,
+                         act_bytes=2 if t.precision != "fp32" else 4, activation_checkpointing=t.activation_checkpointing,
+                         dropout=c.dropout, gpu_mem_gib=_gpu_gib(self.device))
+        return "estimated GPU memory: " + format_lora_plan("this run", plan)
+
+
+def _gpu_gib(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 80.0  # what plan assumes without a GPU to ask
+    return torch.cuda.get_device_properties(device).total_memory / 1024**3
 
 
 def token_loss_sum(model, batch: Batch) -> torch.Tensor:
