@@ -346,7 +346,7 @@ BAD_REQUESTS = [
     ({"prompt": "a", "max_tokens": 401}, 400, "max_tokens", None),  # over the server's cap
     ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     ({"prompt": "a", "frobnicate": 1}, 400, "frobnicate", "extra_forbidden"),
-    ({"prompt": "a", "logprobs": 2}, 400, "logprobs", None),
+    ({"prompt": "a", "logprobs": 6}, 400, "logprobs", None),  # OpenAI's bound is 5
     ({"prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty", None),
     ({"prompt": []}, 400, "prompt", None),
     ({"prompt": ""}, 400, "prompt", None),

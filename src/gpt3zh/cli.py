@@ -98,12 +98,17 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel shards (megatron only)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="cast the weights (default: keep)")
     p.add_argument("--force", action="store_true", help="replace a non-empty DST that is not a model directory")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="SRC is a LoRA adapter directory (or --adapter one for SRC): write base + adapter merged, "
+                   "as a plain model")
+    p.add_argument("--adapter", help="a LoRA adapter directory for the model SRC (with --merge-lora)")
 
 
 def _convert_run(args: argparse.Namespace) -> int:
     from .checkpoint import convert, describe
 
-    out = convert(args.src, args.dst, to=args.to, tp=args.tp, overwrite=args.force, dtype=args.dtype)
+    out = convert(args.src, args.dst, to=args.to, tp=args.tp, overwrite=args.force, dtype=args.dtype,
+                  merge_lora=args.merge_lora, adapter=args.adapter)
     desc = describe(out)
     shards = f", {desc.extra['tp']} TP shards" if "tp" in desc.extra else ""
     print(f"wrote {out} ({desc.format}, {desc.extra.get('dtype')}{shards})")
@@ -185,11 +190,15 @@ def json_safe(value):
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (any supported format)")
-    p.add_argument("--data", required=True, help="JSONL / JSON / CSV / parquet file with src_txt (and tgt_txt)")
+    p.add_argument("--data", required=True, help="JSONL / JSON / CSV / parquet file with src_txt (and tgt_txt), "
+                   "or multiple-choice rows {context, choices, gold}")
     p.add_argument(
-        "--metric", action="append", choices=["ppl", "rouge", "bleu"],
-        help="repeatable; default: ppl for continuation data, ppl+rouge+bleu for prompt->target data",
+        "--metric", action="append", choices=["ppl", "rouge", "bleu", "acc"],
+        help="repeatable; default: ppl for continuation data, ppl+rouge+bleu for prompt->target data, "
+        "acc (acc and acc_norm) for multiple-choice data (rows with context, choices, gold)",
     )
+    p.add_argument("--adapter", help="a LoRA adapter directory for --model (an adapter directory that names its "
+                   "base can also be given as --model)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's)")
     p.add_argument("--sequence-length", type=int,
                    help="truncate rows as training does (default: 512 or the model's context if shorter)")
@@ -219,6 +228,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", help="model directory to serve (any supported format; its tokenizer beside it; "
                    "default: the embedded poetry-small model), or a distributed training checkpoint (with --tp)")
+    p.add_argument("--adapter", help="a LoRA adapter directory, merged into --model at load (an adapter directory "
+                   "that names its base can also be given as --model)")
     p.add_argument("--model-id", help="the name clients pass as `model` (default: the directory name)")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's, or a training "
                    "checkpoint's run's)")
@@ -257,12 +268,14 @@ def _serve_run(args: argparse.Namespace) -> int:
     from .serve import serve
     from .tokenizer import load_tokenizer
 
-    loaded = load_pretrained(model_dir, device=args.device, dtype=args.dtype)  # any format, training checkpoints too
+    # any format, training checkpoints too; an adapter is merged in
+    loaded = load_pretrained(model_dir, device=args.device, dtype=args.dtype, adapter=args.adapter)
     tokenizer = load_tokenizer(args.tokenizer or loaded.path)
-    print(f"gpt3zh serve: model {loaded.path} ({loaded.format} format, {tokenizer.kind} tokenizer)", file=sys.stderr,
-          flush=True)
-    serve(loaded.model, tokenizer, config, args.model_id or model_dir.resolve().name, loaded.generation,
-          inference_options(args))
+    adapter = f", LoRA adapter {args.adapter}" if args.adapter else ""
+    print(f"gpt3zh serve: model {loaded.path} ({loaded.format} format, {tokenizer.kind} tokenizer{adapter})",
+          file=sys.stderr, flush=True)
+    name = Path(args.adapter or model_dir).resolve().name
+    serve(loaded.model, tokenizer, config, args.model_id or name, loaded.generation, inference_options(args))
     return 0
 
 
@@ -392,11 +405,37 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="serving instead: weights + KV cache + prefill activations per GPU for each tp "
                         "(or --tp), for --batch rows of --seq context; --param-dtype is the weights' and cache's dtype")
     p.add_argument("--batch", type=int, default=8, help="with --serve: engine rows, as serve --max-batch (default 8)")
+    p.add_argument("--lora", action="store_true", help="LoRA fine-tuning on one GPU (train.lora) instead of a full one")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (with --lora; default 8)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (with --lora; > 0 keeps more activations)")
+    p.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
+                   help="dtype of the frozen base (with --lora; default bf16)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _plan_lora_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .planning import format_lora_plan, plan_lora
+
+    if args.dp is not None or args.tp is not None:
+        raise CLIError("plan --lora: plans one GPU; LoRA with tensor parallelism is not supported (leave out --dp/--tp)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.base_dtype]
+    plan = plan_lora(PRESETS[args.preset], r=args.lora_r, base_dtype=dtype, seq_len=args.seq,
+                     micro_batch=args.micro_batch, gpu_mem_gib=args.gpu_mem, dropout=args.lora_dropout,
+                     act_bytes=2 if args.precision == "bf16" else 4,
+                     activation_checkpointing=args.activation_checkpointing)
+    print(json.dumps({"preset": args.preset, **plan.to_dict()}) if args.json else format_lora_plan(args.preset, plan))
+    return 0
 
 
 def _plan_run(args: argparse.Namespace) -> int:
     import torch
+
+    if args.lora and args.serve:
+        raise CLIError("plan: give --lora (LoRA fine-tuning) or --serve (serving), not both")
+    if args.lora:
+        return _plan_lora_run(args)
 
     from .parallel import ParallelDims
     from .planning import format_plan, plan_layout, search
@@ -431,7 +470,8 @@ def _plan_serve(args: argparse.Namespace, cfg: GPTConfig) -> int:
     plans = [plan_serving(cfg, tp, batch=args.batch, context=args.seq, dtype=dtype,
                           act_bytes=2 if args.precision == "bf16" else 4, gpu_mem_gib=args.gpu_mem) for tp in tps]
     if args.json:
-        print(json.dumps({"preset": args.preset, "dtype": args.param_dtype, "plans": [p.to_dict() for p in plans]}))
+        print(json.dumps({"preset": args.preset, "dtype": args.param_dtype, "plans": [p.to_dict() for p in plans]},
+                         indent=2))
     else:
         print(format_serve_plans(args.preset, plans, args.param_dtype))
     return 0

@@ -17,6 +17,12 @@ Each request owns one cache row while it runs. `step()` is one step of continuou
    cancellation end it; its row is free at once, for the next admission.
 Events (TokenEvent per sampled token, FinishEvent, ErrorEvent) come back from `step()`.
 
+Scoring. A request with `prompt_logprobs=k` also gets a PromptEvent at its prefill, before its
+first token: the log-probability of each prompt token given the tokens before it, and the top k
+alternatives, from the same prefill (the head runs on its hidden states, a chunk of positions at a
+time). `max_new_tokens=0` scores only: the request is prefilled, samples nothing and finishes
+("length") in the same step, its row never taken.
+
 A finished row's slots are overwritten by the next prefill, and a row never attends past its own
 position, so stale keys (and the right-padding's keys) are harmless. `add` and `cancel` may be
 called from another thread than `step` (the server's event loop); the rest is single-threaded.
@@ -44,6 +50,7 @@ from .sampling import SamplingParams, sample
 SLOT_BUCKET = 16  # the attended slot range grows in steps of this: few distinct shapes, little masked waste
 STATIC_BUCKET = 64  # compiled (static-shape) engines size their cache to a multiple of this
 PREFILL_TOKENS = 4096  # at most this many (padded) prompt tokens are prefilled in one forward
+SCORE_CHUNK = 256  # prompt positions whose (c, V) logits exist at once while a prompt is scored
 
 
 class QueueFull(RuntimeError):
@@ -59,6 +66,7 @@ class Request:
     tag: Any = None
     index: int = 0
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the top k alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (a PromptEvent at the prefill)
     cancelled: bool = False  # set by cancel(), possibly from another thread; read at step boundaries
 
     def cancel(self) -> None:
@@ -77,6 +85,16 @@ class TokenEvent:
 
 
 @dataclass
+class PromptEvent:
+    """With request.prompt_logprobs: log p(prompt[i] | prompt[:i]) for every i (None for the first
+    token, which nothing predicts) and the top-k alternatives at each position ([] for the first)."""
+
+    request: Request
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]]]
+
+
+@dataclass
 class FinishEvent:
     request: Request
     reason: str  # "stop" (a stop id or stop string) | "length" (max_new_tokens or the context)
@@ -91,7 +109,7 @@ class ErrorEvent:
     message: str
 
 
-Event = TokenEvent | FinishEvent | ErrorEvent
+Event = TokenEvent | PromptEvent | FinishEvent | ErrorEvent
 
 
 @dataclass(eq=False)
@@ -259,9 +277,10 @@ class Engine:
             raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
         if req.config.stop and self.tokenizer is None:
             raise ValueError("stop strings need text: give the engine (or generate) a tokenizer")
-        k = req.logprobs
-        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.vocab_size):
-            raise ValueError(f"logprobs must be None or an int in [0, {self.vocab_size}], got {k!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(req, name)
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= self.vocab_size):
+                raise ValueError(f"{name} must be None or an int in [0, {self.vocab_size}], got {k!r}")
         big = [i for i in req.config.stop_ids if i >= self.vocab_size]
         if big:
             raise ValueError(f"eos_token_id {big[0]} is outside the vocabulary [0, {self.vocab_size})")
@@ -292,7 +311,21 @@ class Engine:
         rows_list = [r for r, _ in batch]
         rows = torch.tensor(rows_list, device=self.device)  # (n,)
         last = torch.tensor(lens, device=self.device) - 1  # (n,)
-        logits = self.prepared.prefill(idx, last, None if rows_list == list(range(n)) else rows)  # (n, V)
+        h = self.prepared.prefill_hidden(idx, None if rows_list == list(range(n)) else rows)  # (n, T, H)
+        self.prompt_tokens += sum(lens)
+        for j, (_, req) in enumerate(batch):
+            if req.prompt_logprobs is not None:
+                events.append(self._score_prompt(req, h[j]))
+        for _, req in batch:  # score only: prefilled (and scored), nothing sampled, the row left free
+            if req.config.max_new_tokens == 0:
+                events.append(FinishEvent(req, "length", "", len(req.prompt), 0))
+        live = [j for j, (_, req) in enumerate(batch) if req.config.max_new_tokens > 0]
+        if not live:
+            return
+        if len(live) < n:
+            batch, idx, rows, last, h = [batch[j] for j in live], idx[live], rows[live], last[live], h[live]
+            n = len(live)
+        logits = self.module.head(h[torch.arange(n, device=self.device), last])  # (n, V)
         configs = [req.config for _, req in batch]
         seen = None
         if any(c.repetition_penalty != 1.0 for c in configs):
@@ -305,10 +338,26 @@ class Engine:
         new = [self._new_row(req) for _, req in batch]
         toks_t = sample(logits, SamplingParams.of(configs, self.device), seen, [row.rng for row in new])
         lps = _logprobs(logits, toks_t, [req for _, req in batch])
-        self.prompt_tokens += sum(lens)
         for (r, _), row, tok, lp in zip(batch, new, toks_t.tolist(), lps):
             self._rows[r] = row
             self._accept(r, row, tok, lp, events)
+
+    def _score_prompt(self, req: Request, h: torch.Tensor) -> PromptEvent:
+        """log p of each prompt token from the prefill's hidden states h (T, H) of its row."""
+        k, n = req.prompt_logprobs, len(req.prompt)
+        targets = torch.tensor(req.prompt[1:], device=self.device)  # position i predicts token i + 1
+        chosen: list[float | None] = [None]
+        top: list[list[tuple[int, float]]] = [[]]
+        for s in range(0, n - 1, SCORE_CHUNK):  # bounded (c, V) logits, whatever the prompt's length
+            e = min(s + SCORE_CHUNK, n - 1)
+            lp = torch.log_softmax(self.module.head(h[s:e]).float(), dim=-1)  # (c, V)
+            chosen += lp.gather(1, targets[s:e, None])[:, 0].tolist()
+            if k:
+                best = lp.topk(k, dim=-1)
+                top += [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+            else:
+                top += [[] for _ in range(e - s)]
+        return PromptEvent(req, chosen, top)
 
     def _new_row(self, req: Request) -> _Row:
         cfg = req.config
@@ -411,4 +460,5 @@ def rows_config(config: GenerationConfig, n: int) -> list[GenerationConfig]:
     return [config.replace(seed=(config.seed + i) % 2**63) for i in range(n)]
 
 
-__all__ = ["Engine", "ErrorEvent", "Event", "FinishEvent", "QueueFull", "Request", "TokenEvent", "rows_config"]
+__all__ = ["Engine", "ErrorEvent", "Event", "FinishEvent", "PromptEvent", "QueueFull", "Request", "TokenEvent",
+           "rows_config"]

@@ -87,10 +87,15 @@ class InferenceModel:
     def prefill(self, idx: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """Logits (n, V) at each row's `last` position of right-padded prompts idx (n, T), written
         to cache slots 0..T-1 of cache rows `rows` (None = the first n)."""
+        h = self.prefill_hidden(idx, rows)  # (n, T, H)
+        return self.module.head(h[torch.arange(idx.shape[0], device=idx.device), last])  # (n, V)
+
+    def prefill_hidden(self, idx: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """`prefill`'s hidden states of every position (n, T, H), for callers that need more than
+        the last position's logits (the engine's prompt log-probabilities run `module.head` on them)."""
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)  # (T,)
-        h = self.module.hidden(idx, pos, pos, None, rows, T)  # (n, T, H), causal: pads come last
-        return self.module.head(h[torch.arange(idx.shape[0], device=idx.device), last])  # (n, V)
+        return self.module.hidden(idx, pos, pos, None, rows, T)  # (n, T, H), causal: pads come last
 
     # -- ownership of the module's KV cache
     def claim(self) -> InferenceModel:

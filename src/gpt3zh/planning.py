@@ -253,3 +253,97 @@ def format_serve_plans(name: str, plans: list[ServePlan], dtype: str) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([head, line(cols), *map(line, rows)])
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")  # gpt3zh's LoRA default: every block linear
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """One GPU's memory for LoRA fine-tuning (train.lora): a frozen base, fp32 adapters."""
+
+    r: int
+    adapter_params: int
+    base_params: int
+    base: int  # bytes: the frozen base weights (no gradients, no optimizer state)
+    adapters: int  # fp32 adapter weights
+    grads: int  # fp32, adapters only
+    optimizer: int  # AdamW: two fp32 moments per adapter weight
+    activations: int
+    gpu_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.base + self.adapters + self.grads + self.optimizer + self.activations
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_bytes * (1 - RESERVE)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total, "fits": self.fits}
+
+
+def plan_lora(
+    cfg: GPTConfig,
+    *,
+    r: int = 8,
+    targets: tuple[str, ...] = LORA_TARGETS,
+    base_dtype: torch.dtype = torch.bfloat16,
+    seq_len: int | None = None,
+    micro_batch: int = 1,
+    gpu_mem_gib: float = 80.0,
+    act_bytes: int = 2,
+    activation_checkpointing: bool = False,
+    dropout: float = 0.0,
+) -> LoraPlan:
+    """Memory of LoRA fine-tuning on one GPU, read off the model built on the meta device.
+
+    Adapter sizes are exact: a target nn.Linear (in, out) gets A (r, in) and B (out, r). The
+    activations are full fine-tuning's (the same tensors are saved: the frozen weights need no
+    gradient, but every layer still passes one back), plus per target layer the (tokens, r)
+    output of A and, with dropout > 0, the dropped copy of its input.
+    """
+    from torch import nn
+
+    from .model import GPT
+
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    T = seq_len or cfg.max_seq_len
+    if T > cfg.max_seq_len:
+        raise ParallelError(f"sequence length {T} exceeds the model's context max_seq_len={cfg.max_seq_len}")
+    with torch.device("meta"):
+        model = GPT(cfg).to(base_dtype)
+    targeted = [m for name, m in model.named_modules()
+                if type(m) is nn.Linear and any(name == t or name.endswith("." + t) for t in targets)]
+    if not targeted:
+        raise ValueError(f"LoRA targets {list(targets)} name no linear layer (each block has {', '.join(LORA_TARGETS)})")
+    adapter_params = sum(r * (m.in_features + m.out_features) for m in targeted)
+    extra_per_token = r * len(targeted)  # A's outputs
+    if dropout > 0:
+        extra_per_token += sum(m.in_features for m in targeted)
+    layers_kept = 1 if activation_checkpointing else cfg.n_layer  # with checkpointing: one block's recompute
+    extra = micro_batch * T * extra_per_token // cfg.n_layer * layers_kept * act_bytes
+    activations = activation_bytes(cfg, 1, micro_batch, T, act_bytes, activation_checkpointing) + extra
+    base = sum(p.numel() * p.element_size() for p in model.parameters())
+    base_params = sum(p.numel() for p in model.parameters())
+    return LoraPlan(r, adapter_params, base_params, base, 4 * adapter_params, 4 * adapter_params,
+                    8 * adapter_params + 4 * 2 * len(targeted), activations, int(gpu_mem_gib * GiB))
+
+
+def format_lora_plan(name: str, plan: LoraPlan) -> str:
+    gib = lambda n: f"{n / GiB:8.2f} GiB"
+    rows = [
+        (f"{name}: LoRA r={plan.r} on 1 GPU ({plan.adapter_params:,} trained parameters, "
+         f"{plan.adapter_params / plan.base_params:.2%} of the base's {plan.base_params:,})"),
+        f"  frozen base  {gib(plan.base)}",
+        f"  adapters     {gib(plan.adapters)}",
+        f"  grads        {gib(plan.grads)}",
+        f"  optimizer    {gib(plan.optimizer)}",
+        f"  activations  {gib(plan.activations)}",
+        (f"  total        {gib(plan.total)} of {plan.gpu_bytes / GiB:.0f} GiB "
+         f"({'fits' if plan.fits else 'does NOT fit'}, {RESERVE:.0%} kept free)"),
+    ]
+    return "\n".join(rows)

@@ -14,7 +14,7 @@ import torch
 from ..config import GenerationDefaults, GPTConfig
 from ..hub import resolve_model
 from ..model import GPT
-from . import formats, tables
+from . import formats, lora, tables
 from .errors import CheckpointError
 from .files import atomic_output_dir, read_json
 
@@ -32,11 +32,27 @@ class ModelDirInfo:
 
 
 def describe(path: PathLike) -> ModelDirInfo:
-    """Format, config and generation defaults of a model directory (or ModelScope id)."""
+    """Format, config and generation defaults of a model directory (or ModelScope id); for a LoRA
+    adapter directory, its base's, with the adapter named in `extra`."""
     d = resolve_model(path)
+    if lora.is_adapter_dir(d):
+        return _describe_adapter(d)
     fmt = formats.detect(d)
     cfg, gen = fmt.read_config(d)
     return ModelDirInfo(fmt.name, cfg, gen, {**fmt.extra(d), "tokenizer": _tokenizer_kind(d)})
+
+
+def _describe_adapter(d: Path) -> ModelDirInfo:
+    record = lora.read_base(d)
+    base = resolve_model(lora.base_location(d, record))
+    info = describe(base)
+    config = read_json(d / lora.ADAPTER_CONFIG, "peft adapter config")
+    generation = info.generation
+    if record is not None and "generation" in record:
+        generation = GenerationDefaults.from_dict(record["generation"], f"{d / lora.BASE_FILE} generation")
+    extra = {**info.extra, "lora_adapter": str(d), "lora_r": config.get("r"), "lora_base": str(base),
+             "tokenizer": _tokenizer_kind(d)}
+    return ModelDirInfo(info.format, info.config, generation, extra)
 
 
 def _tokenizer_kind(d: Path) -> str:
@@ -90,6 +106,8 @@ def inspect_weights(path: PathLike) -> WeightsReport:
     """Names and shapes of the real tensors (safetensors headers, memory-mapped torch files; no
     tensor data is read), checked against the directory's config."""
     d = resolve_model(path)
+    if lora.is_adapter_dir(d):  # the base's weights (the adapter's are checked when it is loaded)
+        d = resolve_model(lora.base_location(d, lora.read_base(d)))
     fmt = formats.detect(d)
     cfg, _ = fmt.read_config(d)
     files = fmt.weight_shapes(d)
@@ -127,24 +145,33 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 @dataclass(frozen=True)
 class Pretrained:
-    """What a model directory holds: the model and, beside it, its generation defaults."""
+    """What a model directory holds: the model and, beside it, its generation defaults.
+
+    path: where its tokenizer is. With a LoRA adapter merged in: `adapter` is its directory and
+    `base` the base model's (format is the base's)."""
 
     model: GPT
     generation: GenerationDefaults
     path: Path
     format: str
+    adapter: Path | None = None
+    base: Path | None = None
 
 
 def load_pretrained(path: PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | str | None = None) -> Pretrained:
+                    dtype: torch.dtype | str | None = None, adapter: PathLike | None = None) -> Pretrained:
     """Load any supported model directory (format detected): the GPT, in eval mode, and its
     generation defaults (ModelScope's config.json eod_id, top_k, top_p, ...).
 
-    path may also be a ModelScope id (`damo/nlp_gpt3_text-generation_1.3B`, see gpt3zh.hub).
+    path may also be a ModelScope id (`damo/nlp_gpt3_text-generation_1.3B`, see gpt3zh.hub), or a
+    LoRA adapter directory that names its base (gpt3zh.checkpoint.lora); adapter: a LoRA adapter
+    for the model at `path`. An adapter is merged into its base: the result is a plain GPT.
     dtype=None keeps the stored dtype. The model is built on the meta device and the checked
     tensors are assigned in place, so no memory is spent on a throwaway random init.
     """
     d = resolve_model(path)
+    if adapter is not None or lora.is_adapter_dir(d):
+        return _load_adapted(d, None if adapter is None else Path(adapter), device, dtype)
     fmt = formats.detect(d)
     cfg, gen = fmt.read_config(d)
     sd = fmt.read_weights(d, cfg, as_dtype(dtype))  # names and shapes checked against cfg
@@ -152,6 +179,25 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu",
         model = GPT(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
     return Pretrained(model.to(device).eval(), gen, d, fmt.name)
+
+
+def _load_adapted(d: Path, adapter: Path | None, device, dtype) -> Pretrained:
+    """Base + LoRA adapter, merged. d is the adapter directory (adapter None) or the base's."""
+    where = adapter or d
+    if not lora.is_adapter_dir(where):
+        raise CheckpointError(f"{where}: not a LoRA adapter directory (no {lora.ADAPTER_CONFIG})")
+    record = lora.read_base(where)
+    base = d if adapter is not None else resolve_model(lora.base_location(where, record))
+    if lora.is_adapter_dir(base):
+        raise CheckpointError(f"{where}: its base {base} is itself a LoRA adapter; merge that one first "
+                              f"(gpt3zh convert --merge-lora)")
+    plain = load_pretrained(base, device, dtype)
+    model = lora.merge_lora(lora.apply_adapter(plain.model, where, record)).eval()
+    generation = plain.generation
+    if adapter is None and record is not None and "generation" in record:
+        generation = GenerationDefaults.from_dict(record["generation"], f"{where / lora.BASE_FILE} generation")
+    has_tokenizer = any((where / name).is_file() for name in ("tokenizer.json", "vocab.txt"))
+    return Pretrained(model, generation, where if has_tokenizer else plain.path, plain.format, where, plain.path)
 
 
 def load_model(path: PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> GPT:
@@ -192,19 +238,31 @@ def convert(
     tp: int = 1,
     overwrite: bool = False,
     dtype: torch.dtype | str | None = None,
+    merge_lora: bool = False,
+    adapter: PathLike | None = None,
 ) -> Path:
     """Convert a model directory (or ModelScope id) to another format, carrying its tokenizer along
     (see _carried_tokenizer).
 
     A ModelScope source's configuration.json is the base of the written one (pipeline and
-    megatron blocks rewritten as ModelScope's own save_pretrained does).
+    megatron blocks rewritten as ModelScope's own save_pretrained does). A LoRA adapter (src an
+    adapter directory, or `adapter` for the model at src) is written merged into its base, as a
+    plain model: merge_lora=True says so (without it an adapter is refused, so nobody takes a
+    26 GB merged model for the 50 MB adapter they meant to copy).
     """
     src = resolve_model(src)
     _check_target(to, tp)  # before the (possibly large) load
-    loaded = load_pretrained(src, dtype=dtype)
-    conf = src / "configuration.json"
+    adapted = adapter is not None or lora.is_adapter_dir(src)
+    if adapted and not merge_lora:
+        raise CheckpointError(f"{adapter or src} is a LoRA adapter: pass merge_lora=True (--merge-lora) to write "
+                              f"it merged into its base as a plain model")
+    if merge_lora and not adapted:
+        raise CheckpointError(f"--merge-lora: {src} is not a LoRA adapter directory (no {lora.ADAPTER_CONFIG}) and "
+                              f"no adapter was given")
+    loaded = load_pretrained(src, dtype=dtype, adapter=adapter)
+    conf = (loaded.base or src) / "configuration.json"
     base = read_json(conf, "ModelScope configuration") if conf.is_file() else None
-    tokenizer, copies = _carried_tokenizer(src, to)
+    tokenizer, copies = _carried_tokenizer(loaded.path, to)
     return _write(loaded.model, Path(dst), to, tp, overwrite, loaded.generation, tokenizer=tokenizer, base=base,
                   copies=copies)
 
@@ -223,7 +281,7 @@ def _carried_tokenizer(src: Path, to: str) -> tuple[Any, list[Path]]:
     if not any(p.name != "tokenizer_config.json" for p in files):
         return None, files
     ours_in_hf = written_by_gpt3zh_for_hf(src)
-    if formats.detect(src).name == "hf" and not ours_in_hf:
+    if not lora.is_adapter_dir(src) and formats.detect(src).name == "hf" and not ours_in_hf:
         return None, files
     if to == "hf" or ours_in_hf:
         return load_tokenizer(src), []

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
 
 from ..config import GenerationConfig, GenerationDefaults
-from ..engine import Engine, ErrorEvent, FinishEvent, QueueFull, TokenEvent, rows_config
+from ..engine import Engine, ErrorEvent, FinishEvent, PromptEvent, QueueFull, TokenEvent, rows_config
 from ..engine import Request as EngineRequest
 from ..inference import InferenceModel, InferenceOptions, prepare
 from ..model import GPT
@@ -175,7 +175,7 @@ class _Server:
         pipeline and the CLI), then the fields the request sets; its length checked against the
         cap and the context."""
         room = self.context - prompt_len
-        if room < 1:
+        if room < 0 or (room == 0 and body.max_tokens != 0):  # max_tokens 0 scores a prompt that fills the context
             raise APIError(400, f"This model's maximum context length is {self.context} tokens, and the "
                            f"prompt has {prompt_len} tokens, leaving no room to generate.",
                            param=param, code="context_length_exceeded")
@@ -189,7 +189,8 @@ class _Server:
                            code="context_length_exceeded")
         base = GenerationConfig.from_defaults(self.defaults, self.vocab_size, self.tokenizer.sep_id)
         fields: dict[str, Any] = {
-            "max_new_tokens": body.max_tokens or min(base.max_new_tokens, self.config.max_tokens, room),
+            "max_new_tokens": body.max_tokens if body.max_tokens is not None else min(
+                base.max_new_tokens, self.config.max_tokens, room),
             "stop": stop,
             "seed": body.seed,
         }
@@ -202,6 +203,19 @@ class _Server:
             return base.replace(**fields)
         except ValueError as err:  # a bound the protocol does not know (cannot happen with its limits)
             raise APIError(400, str(err)) from None
+
+    @functools.cached_property
+    def token_text(self) -> Callable[[int], tuple[str, int]]:
+        """(what a token shows as, the length of the text it adds) for log-probabilities: its decoded
+        text, or the name of a token that adds no text (a special token: "<sep>", length 0)."""
+        name = getattr(self.tokenizer, "id_to_token", None)
+
+        @functools.lru_cache(maxsize=1 << 16)
+        def text(token: int) -> tuple[str, int]:
+            piece = self.tokenizer.decode([token])
+            return piece or (name(token) if name else None) or "", len(piece)
+
+        return text
 
     def check_count(self, sequences: int) -> None:
         """Refuse, before any work, a request for more sequences than the queue could ever hold."""
@@ -223,15 +237,17 @@ class _Server:
 
 
 def _requests(server: _Server, body: P._Sampling, prompts: list[list[int]], stop: tuple[str, ...],
-              param: str) -> list[EngineRequest]:
+              param: str, logprobs: int | None = None, prompt_logprobs: int | None = None) -> list[EngineRequest]:
     """One engine request per (prompt, choice); sequence k (= prompt i * n + choice j) of a seeded
-    request samples with seed + k, the rule gpt3zh.generate follows for its rows."""
+    request samples with seed + k, the rule gpt3zh.generate follows for its rows. The prompt is
+    scored (prompt_logprobs) once, by its first choice: the choices share it."""
     server.check_count(len(prompts) * body.n)
     out = []
     for i, ids in enumerate(prompts):
         cfg = server.generation_config(body, len(ids), param, stop)
         seeds = rows_config(cfg, (i + 1) * body.n)[i * body.n:]
-        out += [EngineRequest(ids, c, index=i * body.n + j) for j, c in enumerate(seeds)]
+        out += [EngineRequest(ids, c, index=i * body.n + j, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs if j == 0 else None) for j, c in enumerate(seeds)]
     return out
 
 
@@ -309,8 +325,9 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         server.check_count(len(body.prompts()) * body.n)
         prompts = await server.encode_all(body.prompts(), "prompt")
         echoes = [p if isinstance(p, str) else server.tokenizer.decode(p) for p in body.prompts()]
-        handle = server.submit(_requests(server, body, prompts, body.stop_strings, "prompt"))
-        stream = _CompletionStream(server, body, handle, echoes)
+        scored = body.logprobs if body.echo else None
+        handle = server.submit(_requests(server, body, prompts, body.stop_strings, "prompt", body.logprobs, scored))
+        stream = _CompletionStream(server, body, handle, echoes, prompts)
         if body.stream:
             return _sse(stream.chunks(), handle, server)
         return await _respond(request, stream, handle, server)
@@ -320,11 +337,66 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
     async def chat(body: P.ChatCompletionRequest, request: Request):
         server.check_model(body.model)
         ids = (await server.encode_all([P.render_chat(body.messages)], "messages"))[0]
-        handle = server.submit(_requests(server, body, [ids], P.CHAT_STOP + body.stop_strings, "messages"))
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        handle = server.submit(_requests(server, body, [ids], P.CHAT_STOP + body.stop_strings, "messages", logprobs))
         stream = _ChatStream(server, body, handle)
         if body.stream:
             return _sse(stream.chunks(), handle, server)
         return await _respond(request, stream, handle, server)
+
+    _add_tokenizer_routes(app, server, auth)
+
+
+def _add_tokenizer_routes(app: FastAPI, server: _Server, auth: list) -> None:
+    """vLLM's /tokenize, /detokenize and /tokenizer_info (lm-eval's remote tokenizer)."""
+
+    @app.post("/tokenize", dependencies=auth, response_model=P.TokenizeResponse, responses=_errors(400, 401, 404))
+    async def tokenize(body: P.TokenizeRequest):
+        server.check_model(body.model)
+        ids = await run_in_threadpool(_tokenize, server, body.prompt, body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": server.context, "tokens": ids}
+
+    @app.post("/detokenize", dependencies=auth, response_model=P.DetokenizeResponse, responses=_errors(400, 401, 404))
+    async def detokenize(body: P.DetokenizeRequest):
+        server.check_model(body.model)
+        bad = [t for t in body.tokens if t >= server.vocab_size]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {server.vocab_size})", param="tokens")
+        return {"prompt": server.tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info", dependencies=auth, response_model=P.TokenizerInfo, responses=_errors(401))
+    async def tokenizer_info():
+        specials = getattr(server.tokenizer, "specials", {})
+        # The stop token gpt3zh's models end a text with (<sep>, ModelScope's eod_id) is their "eos".
+        return {"tokenizer_class": type(server.tokenizer).__name__, "eos_token": specials.get("sep_token"),
+                "bos_token": None, "pad_token": specials.get("pad_token"), "unk_token": specials.get("unk_token"),
+                "model_max_length": server.context, "vocab_size": server.vocab_size}
+
+
+def _tokenize(server: _Server, text: str, special: bool) -> list[int]:
+    """What a string prompt of /v1/completions encodes to. A text that is exactly one special token
+    ("<sep>") is that token, as Hugging Face tokenizers read their special tokens (lm-eval asks for
+    the eos id this way). Without special tokens: less the ones the tokenizer adds around any text."""
+    specials = {t: i for t in getattr(server.tokenizer, "specials", {}).values()
+                if t and (i := _special_id(server.tokenizer, t)) is not None}
+    if text in specials:
+        return [specials[text]]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"the text is not valid Unicode: {err.reason} at character {err.start}", param="prompt") from None
+    ids = list(server.tokenizer.encode(text))
+    if special:
+        return ids
+    around = list(server.tokenizer.encode(""))  # BERT: [CLS] [SEP]; most tokenizers: nothing
+    head = next(k for k in range(len(around), -1, -1) if ids[:k] == around[:k])
+    tail = around[head:]
+    return ids[head:len(ids) - len(tail)] if tail and ids[len(ids) - len(tail):] == tail else ids[head:]
+
+
+def _special_id(tokenizer, text: str) -> int | None:
+    to_id = getattr(tokenizer, "token_to_id", None)
+    return to_id(text) if to_id else None
 
 
 def _model_card(server: _Server) -> dict[str, Any]:
@@ -344,7 +416,7 @@ class _Stream:
         self.usage = P.Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         self.done = False
 
-    async def events(self) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent | PromptEvent | FinishEvent]]:
         finished, first = 0, True
         while finished < self.n_choices:
             ev = await self.handle.events.get()
@@ -356,7 +428,8 @@ class _Stream:
             if isinstance(ev, ErrorEvent):
                 raise APIError(500, ev.message, type="server_error")
             index = ev.request.index
-            self.texts[index] += ev.text
+            if not isinstance(ev, PromptEvent):
+                self.texts[index] += ev.text
             if isinstance(ev, FinishEvent):
                 finished += 1
                 self.reasons[index] = ev.reason
@@ -377,30 +450,106 @@ class _Stream:
         return bool(self.body.stream_options and self.body.stream_options.include_usage)
 
 
+class _TokenLogprobs:
+    """One choice's log-probabilities in the completions shape (tokens, token_logprobs, top_logprobs,
+    text_offset); text_offset = the summed text lengths of the tokens before, from the choice's start."""
+
+    def __init__(self, text: Callable[[int], tuple[str, int]]) -> None:
+        self.text = text
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+        self.end = 0
+
+    def add(self, token: int, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
+        piece, length = self.text(token)
+        self.tokens.append(piece)
+        self.text_offset.append(self.end)
+        self.end += length
+        if logprob is None:  # the first prompt token: nothing predicts it
+            self.token_logprobs.append(None)
+            self.top_logprobs.append(None)
+            return
+        alternatives = {self.text(i)[0]: _finite(lp) for i, lp in top or ()}
+        alternatives.setdefault(piece, _finite(logprob))  # OpenAI: the chosen token is always listed
+        self.token_logprobs.append(_finite(logprob))
+        self.top_logprobs.append(alternatives)
+
+    def take(self) -> P.CompletionLogprobs:
+        """What was added since the last take (a streamed chunk's share), offsets kept running."""
+        out = P.CompletionLogprobs(tokens=self.tokens, token_logprobs=self.token_logprobs,
+                                   top_logprobs=self.top_logprobs, text_offset=self.text_offset)
+        self.tokens, self.token_logprobs, self.top_logprobs, self.text_offset = [], [], [], []
+        return out
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)  # OpenAI's value for "very unlikely": JSON has no -Infinity
+
+
 class _CompletionStream(_Stream):
     prefix = "cmpl"
 
-    def __init__(self, server, body: P.CompletionRequest, handle, echoes: list[str]) -> None:
+    def __init__(self, server, body: P.CompletionRequest, handle, echoes: list[str], prompts: list[list[int]]) -> None:
         super().__init__(server, body, handle, len(echoes) * body.n)
         self.echoes = [e for e in echoes for _ in range(body.n)] if body.echo else [""] * self.n_choices
+        self.prompts = [p for p in prompts for _ in range(body.n)]
+        self.scores = [_TokenLogprobs(server.token_text) for _ in range(self.n_choices)]
+
+    @property
+    def logprobs(self) -> bool:
+        return self.body.logprobs is not None
 
     def _chunk(self, choices: list[P.CompletionChoice], usage=None) -> str:
         return P.Completion(id=self.id, model=self.server.model_id, choices=choices, usage=usage).model_dump_json()
 
+    def _scored(self, index: int) -> P.CompletionLogprobs | None:
+        return self.scores[index].take() if self.logprobs else None
+
+    def _echo_prompt(self, ev: PromptEvent) -> list[int]:
+        """The PromptEvent of a prompt's first choice scores every choice of that prompt."""
+        first = ev.request.index
+        for i in range(first, first + self.body.n):
+            for tok, lp, top in zip(self.prompts[i], ev.logprobs, ev.top_logprobs):
+                self.scores[i].add(tok, lp, top)
+        return list(range(first, first + self.body.n))
+
+    def _on(self, index: int, ev) -> list[int]:
+        """Record an event's log-probabilities; return the choices with something new to send."""
+        if isinstance(ev, PromptEvent):
+            return self._echo_prompt(ev)
+        if isinstance(ev, TokenEvent) and self.logprobs:
+            self.scores[index].add(ev.token_id, ev.logprob, ev.top_logprobs)
+        return [index]
+
     async def chunks(self) -> AsyncIterator[str]:
+        scored_echo = self.body.echo and self.logprobs  # the echo chunk waits for the prompt's scores
         for i, echo in enumerate(self.echoes):
-            if echo:
+            if echo and not scored_echo:
                 yield self._chunk([P.CompletionChoice(index=i, text=echo, finish_reason=None)])
         async for index, ev in self.events():
-            reason = ev.reason if isinstance(ev, FinishEvent) else None
-            if ev.text or reason:
-                yield self._chunk([P.CompletionChoice(index=index, text=ev.text, finish_reason=reason)])
+            for i in self._on(index, ev):
+                if isinstance(ev, PromptEvent):
+                    yield self._chunk([P.CompletionChoice(index=i, text=self.echoes[i], logprobs=self._scored(i),
+                                                          finish_reason=None)])
+                    continue
+                reason = ev.reason if isinstance(ev, FinishEvent) else None
+                if ev.text or reason or (self.logprobs and isinstance(ev, TokenEvent)):
+                    yield self._chunk([P.CompletionChoice(index=i, text=ev.text, logprobs=self._scored(i),
+                                                          finish_reason=reason)])
         if self.include_usage:
             yield self._chunk([], self.usage)
 
+    async def collect(self) -> None:
+        async for index, ev in self.events():
+            self._on(index, ev)
+
     def body_json(self) -> dict:
-        choices = [P.CompletionChoice(index=i, text=e + t, finish_reason=r)
-                   for i, (e, t, r) in enumerate(zip(self.echoes, self.texts, self.reasons))]
+        choices = []
+        for i, (e, t, r) in enumerate(zip(self.echoes, self.texts, self.reasons)):
+            scores = self.scores[i].take() if self.logprobs else None
+            choices.append(P.CompletionChoice(index=i, text=e + t, logprobs=scores, finish_reason=r))
         return P.Completion(id=self.id, model=self.server.model_id, choices=choices, usage=self.usage).model_dump()
 
 
@@ -409,25 +558,44 @@ class _ChatStream(_Stream):
 
     def __init__(self, server, body: P.ChatCompletionRequest, handle) -> None:
         super().__init__(server, body, handle, body.n)
+        self.content: list[list[P.TokenLogprob]] = [[] for _ in range(body.n)]
 
     def _chunk(self, choices: list[P.ChatChunkChoice], usage=None) -> str:
         return P.ChatCompletionChunk(id=self.id, model=self.server.model_id, choices=choices,
                                      usage=usage).model_dump_json()
+
+    def _entry(self, token: int, logprob: float) -> P.TopLogprob:
+        text = self.server.token_text(token)[0]
+        return P.TopLogprob(token=text, logprob=_finite(logprob), bytes=list(text.encode("utf-8")))
+
+    def _on(self, index: int, ev) -> P.ChatLogprobs | None:
+        if not (self.body.logprobs and isinstance(ev, TokenEvent)):
+            return None
+        top = [self._entry(i, lp) for i, lp in ev.top_logprobs or ()]
+        entry = P.TokenLogprob(**self._entry(ev.token_id, ev.logprob).model_dump(), top_logprobs=top)
+        self.content[index].append(entry)
+        return P.ChatLogprobs(content=[entry])
 
     async def chunks(self) -> AsyncIterator[str]:
         roles = [P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content="")) for i in range(self.n_choices)]
         yield self._chunk(roles)
         async for index, ev in self.events():
             reason = ev.reason if isinstance(ev, FinishEvent) else None
-            if ev.text:
-                yield self._chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(content=ev.text))])
+            scored = self._on(index, ev)
+            if ev.text or scored is not None:
+                yield self._chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(content=ev.text), logprobs=scored)])
             if reason:
                 yield self._chunk([P.ChatChunkChoice(index=index, delta=P.ChatDelta(), finish_reason=reason)])
         if self.include_usage:
             yield self._chunk([], self.usage)
 
+    async def collect(self) -> None:
+        async for index, ev in self.events():
+            self._on(index, ev)
+
     def body_json(self) -> dict:
-        choices = [P.ChatChoice(index=i, message={"role": "assistant", "content": t}, finish_reason=r)
+        choices = [P.ChatChoice(index=i, message={"role": "assistant", "content": t}, finish_reason=r,
+                                logprobs=P.ChatLogprobs(content=self.content[i]) if self.body.logprobs else None)
                    for i, (t, r) in enumerate(zip(self.texts, self.reasons))]
         return P.ChatCompletion(id=self.id, model=self.server.model_id, choices=choices, usage=self.usage).model_dump()
 
@@ -455,8 +623,7 @@ def _sse(chunks: AsyncIterator[str], handle: Handle, server: _Server) -> Streami
 async def _respond(request: Request, stream: _Stream, handle: Handle, server: _Server) -> Response:
     watcher = asyncio.create_task(_watch_disconnect(request, handle))
     try:
-        async for _ in stream.events():
-            pass
+        await stream.collect()
     finally:
         watcher.cancel()
     if not stream.done:
@@ -575,7 +742,7 @@ class _BodyLimit:
 
 
 _ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/openapi.json",
-           "/docs"}
+           "/docs", "/tokenize", "/detokenize", "/tokenizer_info"}
 
 
 class _Observe:

@@ -1,8 +1,21 @@
 """The OpenAI-compatible request and response bodies, and the chat template.
 
 Requests are strict: an unknown field is a 400 (as OpenAI answers "Unrecognized request argument"),
-and OpenAI options this server cannot honour (logprobs, logit_bias, suffix, best_of > 1, non-zero
+and OpenAI options this server cannot honour (logit_bias, suffix, best_of > 1, non-zero
 presence/frequency penalties, tools) are refused by name rather than silently ignored.
+
+Log-probabilities, as OpenAI returns them. Completions: `logprobs: k` (0 to 5) gives, per token,
+`tokens` (its text), `token_logprobs`, `top_logprobs` (the k most likely tokens and the chosen one,
+{text: log p}) and `text_offset` (where the token starts in the choice's text: the summed lengths
+of the tokens before it, as vLLM counts). `echo: true` puts the prompt in front, its tokens scored
+too (the first one has null: nothing predicts it), and `max_tokens: 0` scores the prompt without
+generating (finish_reason "length"); so `{echo: true, logprobs: 1, max_tokens: 0 or 1}` is the
+request lm-evaluation-harness scores multiple-choice answers with. Chat: `logprobs: true` and
+`top_logprobs: k` (0 to 20) give `logprobs.content`, one {token, logprob, bytes, top_logprobs} per
+generated token. Every generated token is listed, a stop id included (its text is ""), so the
+counts match usage.completion_tokens. Streamed chunks carry the log-probabilities of their tokens.
+The values are the model's raw distribution (log_softmax of its logits), before temperature,
+penalty and filters, in float32; a probability that underflows shows as -9999.0, as OpenAI's does.
 
 Sampling fields left out take the model directory's generation defaults (ModelScope's config.json:
 temperature, top_k, top_p, through GenerationConfig.from_defaults, as the pipeline and the CLI),
@@ -53,8 +66,6 @@ UNSUPPORTED = {
     "presence_penalty": ((None, 0, 0.0), "use repetition_penalty"),
     "frequency_penalty": ((None, 0, 0.0), "use repetition_penalty"),
     "logit_bias": ((None, {}), "no per-token biases"),
-    "logprobs": ((None, False), "no log-probabilities are returned"),
-    "top_logprobs": ((None, 0), "no log-probabilities are returned"),
     "best_of": ((None, 1), "use n"),
     "suffix": ((None, ""), "no insertion mode"),
 }
@@ -108,14 +119,28 @@ TokenId = Annotated[int, Field(ge=0, le=INT_LIMIT)]
 PromptType = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
+MAX_LOGPROBS = 5  # OpenAI's bound for completions
+MAX_TOP_LOGPROBS = 20  # and for chat
+
+
 class CompletionRequest(_Sampling):
     prompt: PromptType
+    # 0: score the prompt only (with echo and logprobs), as the OpenAI API allows
+    max_tokens: Annotated[int, Field(ge=0, le=INT_LIMIT)] | None = None
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
 
-    _off_c = field_validator("logprobs", "best_of", "suffix")(_refuse_unsupported)
+    _off_c = field_validator("best_of", "suffix")(_refuse_unsupported)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _check_logprobs(cls, value):
+        if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs={value}: give 0 to {MAX_LOGPROBS} alternatives per token (OpenAI's "
+                             f"bound), or null for none")
+        return value
 
 
     @field_validator("prompt")
@@ -156,8 +181,18 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
-    _off_chat = field_validator("logprobs", "top_logprobs")(_refuse_unsupported)
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top(cls, value):
+        if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs={value}: give 0 to {MAX_TOP_LOGPROBS} alternatives per token (OpenAI's bound)")
+        return value
 
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true (as OpenAI requires)")
+        return self
 
     @model_validator(mode="after")
     def _one_max(self):
@@ -181,10 +216,17 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -202,17 +244,31 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: dict[str, Any]
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -232,6 +288,42 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+# vLLM's tokenizer routes, which lm-evaluation-harness's `tokenizer_backend=remote` (and its "auto"
+# detection) uses to count context tokens for loglikelihood requests.
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str
+    # True: the ids a string prompt of /v1/completions gets; False: without the special tokens the
+    # tokenizer adds around a text (BERT's [CLS] ... [SEP]; JiebaBPE and char-level add none)
+    add_special_tokens: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    model_max_length: int
+    vocab_size: int
 
 
 class Health(BaseModel):

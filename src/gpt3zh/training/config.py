@@ -80,6 +80,47 @@ class DataLoaderConfig:
 
 
 @dataclass
+class LoraConfig:
+    """train.lora: LoRA fine-tuning through peft (gpt3zh.training.lora). r = 0 (the default) is full
+    fine-tuning; r > 0 freezes the base and trains rank-r adapters on the target layers, whose
+    output is scaled by alpha / r. Checkpoints then hold the adapters only, and the export is an
+    adapter directory in peft's format that names its base (docs/training.md)."""
+
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input (peft's lora_dropout)
+    # layer names inside each block (gpt3zh's names); a name matches every block's layer of that name
+    target_modules: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"])
+    # dtype of the frozen base weights; the adapters (and their AdamW moments) are always fp32
+    base_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+def _validate_lora(cfg: Any) -> None:
+    lora, t = cfg.train.lora, cfg.train
+    if lora.r == 0:
+        changed = [f.name for f in dataclasses.fields(LoraConfig) if getattr(lora, f.name) != getattr(LoraConfig(), f.name)]
+        if changed:
+            raise ConfigError(f"train.lora.{changed[0]} is set but train.lora.r is 0 (LoRA off); give train.lora.r > 0")
+        return
+    if lora.r < 0:
+        raise ConfigError(f"train.lora.r must be >= 0 (0 = full fine-tuning), got {lora.r}")
+    if not lora.alpha > 0 or not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"train.lora: alpha must be > 0 and dropout in [0, 1), got alpha={lora.alpha}, "
+                          f"dropout={lora.dropout}")
+    if not lora.target_modules or not all(isinstance(m, str) and m for m in lora.target_modules):
+        raise ConfigError(f"train.lora.target_modules must be a non-empty list of layer names, got {lora.target_modules!r}")
+    if cfg.model.path is None:
+        raise ConfigError("train.lora adapts a trained model: give model: DIR (a preset has nothing to adapt)")
+    if t.param_dtype != "fp32":
+        raise ConfigError("train.param_dtype is for full fine-tuning; with train.lora the base dtype is "
+                          "train.lora.base_dtype (the adapters stay fp32)")
+    if cfg.megatron.tensor_model_parallel_size > 1:
+        raise ConfigError(f"train.lora with tensor parallelism (megatron.tensor_model_parallel_size="
+                          f"{cfg.megatron.tensor_model_parallel_size}) is not supported: the TP plan shards the "
+                          f"layers LoRA wraps; use data parallelism only (tensor_model_parallel_size: 1)")
+
+
+@dataclass
 class TrainSection:
     work_dir: str = "work_dir"
     max_epochs: int = 1
@@ -109,6 +150,7 @@ class TrainSection:
     bucket_by_length: bool = True  # batch rows of similar length so little compute goes to padding
     # "auto": a tqdm bar on stderr only when stderr is a terminal (never \r-garbage in a log file)
     progress_bar: bool | Literal["auto"] = "auto"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -540,6 +582,7 @@ def validate(cfg: TrainConfig) -> None:
     # dataset.train may be None here: gpt3zh.train(train_dataset=...) brings in-memory data (the
     # trainer checks that one of the two is given, before it writes anything)
     _validate_megatron(cfg.megatron)
+    _validate_lora(cfg)
 
 
 def _validate_megatron(m: MegatronSection) -> None:

@@ -128,9 +128,15 @@ class DistributedTrainer(Trainer):
         return super().evaluate(_FullLogits(model))
 
     # ------------------------------------------------------------------------------ checkpoints
+    def state_options(self, **kw):
+        """DCP state-dict options: with LoRA the frozen base is left out (it is model.path's)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.lora is not None, **kw)
+
     def checkpoint(self, model, optimizer, scaler, step: int, last_eval: dict, best: dict | None):
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
         ckpt_dir = self.work_dir / CKPT_DIR
         dest = ckpt_dir / _step_name(step)
@@ -139,13 +145,21 @@ class DistributedTrainer(Trainer):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.state_options())
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / DCP_DIR))
+        adapter = None
+        if self.lora is not None:  # a collective: the whole adapters to rank 0, for the adapter files
+            adapter = get_model_state_dict(model, options=self.state_options(full_state_dict=True, cpu_offload=True))
         if self.is_main:
-            torch.save({"scaler": scaler.state_dict(), "rng": _rng_state(), "step": step}, tmp / STATE_FILE)
+            rest = {"scaler": scaler.state_dict(), "rng": _rng_state(), "step": step}
+            if self.lora is not None:
+                rest["lora_base"] = self.base_record
+            torch.save(rest, tmp / STATE_FILE)
             meta = {"step": step, "eval": last_eval, "config": self.cfg.to_dict(),
                     "parallel": {"dp": self.dims.dp, "tp": self.dims.tp}}
             self.write_checkpoint_files(tmp, meta)
+            if adapter is not None:
+                self.write_adapter_files(tmp, adapter)
             if dest.exists():
                 _discard(dest)
             os.replace(tmp, dest)
@@ -165,11 +179,14 @@ class DistributedTrainer(Trainer):
                 f"train.resume: {path} is not a distributed checkpoint (expected {DCP_DIR}/.metadata and "
                 f"{STATE_FILE}); single-process checkpoints resume with single-process training"
             )
-        model_sd, optim_sd = get_state_dict(model, optimizer)  # this run's layout: DCP reshards into it
+        rest = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        self.check_same_base(path, rest.get("lora_base"))
+        # this run's layout: DCP reshards into it
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.state_options())
         state = {"model": model_sd, "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=str(path / DCP_DIR))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        rest = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=self.state_options(strict=self.lora is None))
         scaler.load_state_dict(rest["scaler"])
         _set_rng_state(rest["rng"])
         return int(rest["step"])
@@ -177,7 +194,7 @@ class DistributedTrainer(Trainer):
     def export(self, model, tok, dests: dict[str, Path] | None = None) -> Path | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from ..checkpoint import save_model
+        from ..checkpoint import lora
         from ..model import GPT
 
         # a collective: every rank takes part, rank 0 receives the whole tensors on the CPU
@@ -186,12 +203,11 @@ class DistributedTrainer(Trainer):
         if self.is_main:
             with torch.device("meta"):
                 whole = GPT(self.gpt_cfg)
+                if self.lora is not None:  # the same layer swaps, so the names match
+                    lora.add_lora(whole, self.peft_config())
             whole.load_state_dict(sd, assign=True)
             shards = self.cfg.megatron.checkpoint_tensor_model_parallel_size or self.dims.tp
-            for fmt, dest in (dests or self.export_dests()).items():
-                tp = shards if fmt == "megatron" else 1
-                save_model(whole, dest, format=fmt, tp=tp, tokenizer=tok, overwrite=True, generation=self.generation)
-                out = out or dest
+            out = self.write_exports(whole, tok, megatron_tp=shards, dests=dests)
         dist.barrier()
         return out
 

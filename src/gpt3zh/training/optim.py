@@ -25,7 +25,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
-    if next(model.parameters()).dtype == torch.bfloat16:
+    trained = next(p for p in model.parameters() if p.requires_grad)  # LoRA: fp32 adapters on a frozen bf16 base
+    if trained.dtype == torch.bfloat16:
         return BF16AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     # fused kernels on CUDA: one launch for all parameters and no foreach temporaries
     fused = device.type == "cuda"

@@ -154,6 +154,7 @@ class Trainer:
         self.work_dir = Path(cfg.train.work_dir)
         self.device = self.resolve_device()
         self.is_main = rank == 0
+        self.lora = cfg.train.lora if cfg.train.lora.r else None  # LoRA fine-tuning (training/config.py)
 
     # ------------------------------------------------------------------------------ swappable parts
     def resolve_device(self) -> torch.device:
@@ -190,13 +191,37 @@ class Trainer:
 
             model = load_model(self.cfg.model.path)  # its generation defaults: self.generation
         model = model.to(self.device)
-        if self.cfg.train.param_dtype == "bf16":
+        if self.lora is not None:
+            model = self.add_adapters(model)
+        elif self.cfg.train.param_dtype == "bf16":
             model = model.to(torch.bfloat16)
         else:
             model = model.float()  # checkpoints may store bf16; training keeps fp32 weights
         if self.cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         return model
+
+    def add_adapters(self, model: GPT) -> GPT:
+        """LoRA: the base frozen in train.lora.base_dtype, fp32 rank-r adapters on the target layers
+        (peft's layers, swapped in). The base is recorded (where, config, fingerprint) first."""
+        from ...checkpoint import lora
+
+        self.base_record = lora.describe_base(self.cfg.model.path, self.gpt_cfg, self.generation, model)
+        model = model.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.lora.base_dtype])
+        return lora.add_lora(model, self.peft_config())
+
+    def peft_config(self):
+        from ...checkpoint import lora
+
+        c = self.lora
+        return lora.peft_config(c.r, c.alpha, c.dropout, c.target_modules, self.base_record["base"])
+
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the model: every weight, or with LoRA the adapters only (the
+        frozen base is read again from model.path on resume)."""
+        if self.lora is None:
+            return model.state_dict()
+        return {k: v for k, v in model.state_dict().items() if "lora_" in k}
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(model, self.cfg.train.optimizer, self.device)
@@ -219,6 +244,8 @@ class Trainer:
         with self.staging(dest) as tmp:
             save_torch(state["train"], tmp / STATE_FILE, clone_views=False)  # state dicts hold no views
             self.write_checkpoint_files(tmp, state["meta"])
+            if self.lora is not None:
+                self.write_adapter_files(tmp, state["train"]["model"])
 
     @contextlib.contextmanager
     def staging(self, dest: Path):
@@ -245,6 +272,13 @@ class Trainer:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         self.tok.save(tmp)
 
+    def write_adapter_files(self, tmp: Path, adapter: dict[str, torch.Tensor]) -> None:
+        """A LoRA checkpoint is also an adapter directory (peft's files, the base record): every
+        gpt3zh command loads it as base + adapter."""
+        from ...checkpoint import lora
+
+        lora.write_adapter(tmp, lora.adapter_weights(adapter), self.peft_config(), self.base_record)
+
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """The training state at `path` (weights only; an unreadable file is a CheckpointError)."""
         state = load_torch(path / STATE_FILE, "training checkpoint", mmap=False)  # resumed state is written to
@@ -256,14 +290,28 @@ class Trainer:
     def export(self, model: torch.nn.Module, tok, dests: dict[str, Path] | None = None) -> Path | None:
         """Write the model as model directories {format: dir} (default: train.export_formats in the
         work_dir); returns the first. Called on every rank (a parallel export gathers)."""
-        from ...checkpoint import save_model
-
         if not self.is_main:
             return None
+        return self.write_exports(model, tok, dests=dests)
+
+    def write_exports(self, model: torch.nn.Module, tok, megatron_tp: int = 1,
+                      dests: dict[str, Path] | None = None) -> Path | None:
+        """{format: dir} (default work_dir/output for gpt3zh, work_dir/output_<format> for the
+        others). With LoRA, the gpt3zh directory is the adapter directory (always written) and the
+        other formats get base + adapter merged (they cannot hold an adapter)."""
+        from ...checkpoint import lora, save_model
+
         _check_finite(model, "export")
         out = None
-        for fmt, dest in (dests or self.export_dests()).items():
-            save_model(model, dest, format=fmt, tokenizer=tok, overwrite=True, generation=self.generation)
+        dests = dict(dests or self.export_dests())
+        if self.lora is not None:
+            out = lora.save_adapter(model, dests.pop("gpt3zh", self.work_dir / _output_name("gpt3zh")),
+                                    self.peft_config(), self.base_record, tokenizer=tok, overwrite=True)
+            if dests:
+                model = lora.merge_lora(model)  # the run is over: the adapters fold into the base in place
+        for fmt, dest in dests.items():
+            tp = megatron_tp if fmt == "megatron" else 1
+            save_model(model, dest, format=fmt, tp=tp, tokenizer=tok, overwrite=True, generation=self.generation)
             out = out or dest
         return out
 
@@ -283,6 +331,8 @@ class Trainer:
                 f"preprocessor.sequence_length={L} exceeds the model's context "
                 f"(max_seq_len={self.gpt_cfg.max_seq_len}); use at most {self.gpt_cfg.max_seq_len}"
             )
+        if self.lora is not None:
+            self.check_lora_base()
         self.tok, tok_source = self.load_tokenizer()
         if self.tok.vocab_size > self.gpt_cfg.vocab_size:
             raise ConfigError(
@@ -342,6 +392,15 @@ class Trainer:
         if src.path is not None:
             return load_token_rows(src.path, self.tok, L, self.cfg.dataset.remap_columns, cache, tok_id, progress)
         return load_rows_tokens(src.rows, src.mode, self.tok, L, cache, tok_id, progress)
+
+    def check_lora_base(self) -> None:
+        from ...checkpoint import lora
+        from ...hub import resolve_model
+
+        if lora.is_adapter_dir(resolve_model(self.cfg.model.path)):
+            raise ConfigError(f"model {self.cfg.model.path} is a LoRA adapter: train.lora needs a plain base; write "
+                              f"one with `gpt3zh convert {self.cfg.model.path} MERGED --to gpt3zh --merge-lora` and "
+                              f"train on MERGED")
 
     def generation_defaults(self) -> GenerationDefaults:
         """What the checkpoints and the export say about generation: a fine-tuned directory keeps its
@@ -519,11 +578,12 @@ class Trainer:
         ckpt_dir = self.work_dir / CKPT_DIR
         state = {
             "train": {
-                "model": model.state_dict(),
+                "model": self.model_state(model),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": _rng_state(),
                 "step": step,
+                **({"lora_base": self.base_record} if self.lora is not None else {}),
             },
             "meta": {"step": step, "eval": last_eval, "config": self.cfg.to_dict()},
         }
@@ -547,7 +607,7 @@ class Trainer:
                      logging.WARNING)
                 continue
             self.check_resumable(path, state, model)
-            model.load_state_dict(state["model"])
+            model.load_state_dict(state["model"], strict=self.lora is None)  # LoRA: adapters only (checked)
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             _set_rng_state(state["rng"])
@@ -565,8 +625,9 @@ class Trainer:
         """The checkpoint fits this model and this run's length (one line naming what differs)."""
         from ...checkpoint.tables import compare_keys
 
+        self.check_same_base(path, state.get("lora_base"))
         found = {k: tuple(v.shape) for k, v in state["model"].items()}
-        problems = compare_keys(found, {k: v.shape for k, v in model.state_dict().items()})
+        problems = compare_keys(found, {k: v.shape for k, v in self.model_state(model).items()})
         if problems:
             first = problems[0] if len(problems[0]) <= 160 else problems[0][:157] + "..."
             raise TrainingError(
@@ -578,6 +639,20 @@ class Trainer:
                 f"train.resume: {path} is at step {int(state['step'])}, past this run's last step {self.total_steps} "
                 f"(train.max_steps / max_epochs); raise it, or start a new train.work_dir"
             )
+
+    def check_same_base(self, path: Path, recorded: dict | None) -> None:
+        """A LoRA checkpoint resumes on the base it was trained on, and a full one without LoRA."""
+        if (recorded is None) != (self.lora is None):
+            kind = "LoRA adapters" if recorded is not None else "a full fine-tune"
+            raise TrainingError(f"train.resume: {path} holds {kind}; resume it with the train.lora it was trained "
+                                f"with, or start a new train.work_dir")
+        if recorded is not None:
+            from ...checkpoint import lora
+
+            if not lora.same_fingerprint(recorded.get("fingerprint"), self.base_record["fingerprint"]):
+                raise TrainingError(f"train.resume: {path} holds LoRA adapters trained on other base weights than "
+                                    f"model.path {self.cfg.model.path} now has; resume with that base, or start a "
+                                    f"new train.work_dir")
 
     def resume_candidates(self) -> list[Path]:
         """Checkpoints to try, newest first: every one in work_dir for resume=true, else the one named."""
@@ -625,7 +700,25 @@ class Trainer:
         }
         log.info(info)
         if self.device.type == "cuda" and self.is_main:
-            note(format_estimate(est))
+            note(self.lora_estimate() if self.lora is not None else format_estimate(est))
+
+    def lora_estimate(self) -> str:
+        """gpt3zh plan --lora for this run (the full fine-tuning estimate does not apply)."""
+        from ...planning import format_lora_plan, plan_lora
+
+        t, c = self.cfg.train, self.lora
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[c.base_dtype]
+        plan = plan_lora(self.gpt_cfg, r=c.r, targets=tuple(c.target_modules), base_dtype=dtype,
+                         seq_len=self.cfg.preprocessor.sequence_length, micro_batch=t.dataloader.batch_size_per_gpu,
+                         act_bytes=2 if t.precision != "fp32" else 4, activation_checkpointing=t.activation_checkpointing,
+                         dropout=c.dropout, gpu_mem_gib=_gpu_gib(self.device))
+        return "estimated GPU memory: " + format_lora_plan("this run", plan)
+
+
+def _gpu_gib(device: torch.device) -> float:
+    if device.type != "cuda":
+        return 80.0  # what plan assumes without a GPU to ask
+    return torch.cuda.get_device_properties(device).total_memory / 1024**3
 
 
 def token_loss_sum(model, batch: Batch) -> torch.Tensor:
