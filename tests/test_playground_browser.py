@@ -24,8 +24,8 @@ from gpt3zh.config import GPTConfig
 from gpt3zh.generation import generate
 from gpt3zh.model import GPT
 from gpt3zh.serve import ServeConfig, create_app
-from serving import BackgroundServer
 from gpt3zh.tokenizer import train_char_tokenizer
+from serving import BackgroundServer
 
 CHARS = "".join(chr(i) for i in range(32, 127)) + "中国的首都是春眠不觉晓"
 TOK = train_char_tokenizer([CHARS])

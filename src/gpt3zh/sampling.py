@@ -22,7 +22,6 @@ from typing import Protocol
 
 import torch
 
-
 _K_LIMIT = 1 << 62  # any top_k beyond the vocabulary is "off"; this keeps it inside an int64
 
 

@@ -401,7 +401,8 @@ def jiebabpe_worker(out: Path, data: Path) -> None:
 
 
 def write_jiebabpe(out: Path, data: Path, old_tokenizers: Path) -> dict:
-    from tokenizers import Tokenizer, __version__ as tok_version
+    from tokenizers import Tokenizer
+    from tokenizers import __version__ as tok_version
 
     # The error the venv's (new) tokenizers gives on the unmodified file, recorded live.
     try:

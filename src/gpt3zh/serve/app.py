@@ -23,9 +23,8 @@ from typing import Any, Protocol
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import GenerationConfig, GenerationDefaults
 from ..engine import Engine, ErrorEvent, FinishEvent, PromptEvent, QueueFull, TokenEvent, rows_config
