@@ -98,7 +98,8 @@ def reference_forward(sd, ids, *, n_head, eps, megatron, tanh, per_head=None):
         scores = scores * mask - 10000.0 * (1 - mask)
         ctx = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, H)
         x = x + ctx @ sd[att + "dense.weight"].T + sd[att + "dense.bias"]
-        h = F.layer_norm(x, (H,), sd[p + "post_attention_layernorm.weight"], sd[p + "post_attention_layernorm.bias"], eps)
+        h = F.layer_norm(x, (H,), sd[p + "post_attention_layernorm.weight"],
+                         sd[p + "post_attention_layernorm.bias"], eps)
         a = h @ sd[p + "mlp.dense_h_to_4h.weight"].T + sd[p + "mlp.dense_h_to_4h.bias"]
         a = bias_gelu(a) if tanh else F.gelu(a)
         x = x + a @ sd[p + "mlp.dense_4h_to_h.weight"].T + sd[p + "mlp.dense_4h_to_h.bias"]
@@ -152,7 +153,8 @@ def test_megatron_shards_match_the_spec_forward(tiny_config, ids, tmp_path, tp):
 
 # ------------------------------------------------------------------------------------ round trips
 @torch.no_grad()
-@pytest.mark.parametrize("fmt,tp", [("gpt3zh", 1), ("modelscope", 1), ("megatron", 1), ("megatron", 2), ("megatron", 4), ("hf", 1)])
+@pytest.mark.parametrize("fmt,tp", [("gpt3zh", 1), ("modelscope", 1), ("megatron", 1), ("megatron", 2),
+                                    ("megatron", 4), ("hf", 1)])
 def test_save_then_load_is_exact(model, ids, tmp_path, fmt, tp):
     out = save_model(model, tmp_path / fmt, format=fmt, tp=tp, generation=GEN)
     pretrained = load_pretrained(out)

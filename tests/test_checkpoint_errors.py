@@ -117,7 +117,8 @@ def test_vocab_mismatch_names_config_and_weights(ms_dir):
 def test_megatron_vocab_mismatch_per_shard(mg_dir):
     cfg = json.loads((mg_dir / "config.json").read_text())
     (mg_dir / "config.json").write_text(json.dumps({**cfg, "vocab_size": 256}))
-    expect_error(mg_dir, r"mp_rank_00_model_states.pt: the weights do not match", r"vocab_size=256.*split over 4 TP shards",
+    expect_error(mg_dir, r"mp_rank_00_model_states.pt: the weights do not match",
+                 r"vocab_size=256.*split over 4 TP shards",
                  re.escape("word_embeddings.weight is [32, 32] in the file, expected [64, 32]"))
 
 
@@ -154,7 +155,8 @@ class Payload:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
-@pytest.mark.parametrize("fmt,file", [("modelscope", "pytorch_model.bin"), ("megatron", "model/mp_rank_00_model_states.pt")])
+@pytest.mark.parametrize("fmt,file", [("modelscope", "pytorch_model.bin"),
+                                      ("megatron", "model/mp_rank_00_model_states.pt")])
 def test_pickle_with_code_payload_is_refused_and_never_run(model, tmp_path, fmt, file):
     d = save_model(model, tmp_path / fmt, format=fmt)
     marker = tmp_path / "pwned"
@@ -296,4 +298,5 @@ def test_replacing_a_model_directory_is_allowed(model, tiny_config, tmp_path):
     out = save_model(model, tmp_path / "m", format="megatron", tp=4)
     save_model(model, out, format="megatron", tp=2)
     assert describe(out).extra["tp"] == 2
-    assert sorted(p.name for p in (out / "model").iterdir()) == ["mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"]
+    assert sorted(p.name for p in (out / "model").iterdir()) == ["mp_rank_00_model_states.pt",
+                                                                 "mp_rank_01_model_states.pt"]

@@ -72,7 +72,8 @@ def test_split_gives_each_rank_whole_heads(tiny_config, full_sd, tp):
         mine = per_head[r * heads_per_rank : (r + 1) * heads_per_rank].reshape(-1, tiny_config.d_model)
         assert torch.equal(shard["blocks.0.attn.qkv.weight"], mine)
         cols = tiny_config.d_model // tp  # row-parallel proj: this rank's input features
-        assert torch.equal(shard["blocks.0.attn.proj.weight"], full_sd["blocks.0.attn.proj.weight"][:, r * cols : (r + 1) * cols])
+        assert torch.equal(shard["blocks.0.attn.proj.weight"],
+                           full_sd["blocks.0.attn.proj.weight"][:, r * cols : (r + 1) * cols])
         assert shard["tok_emb.weight"].shape[0] == tiny_config.vocab_size // tp
         assert shard["blocks.1.ln_2.weight"] is full_sd["blocks.1.ln_2.weight"]
 
@@ -103,7 +104,8 @@ def test_split_refuses_partial_heads(tiny_config, full_sd):
 
 def test_split_refuses_an_indivisible_vocab(tiny_config):
     sd = GPT(tiny_config.replace(vocab_size=130)).state_dict()
-    with pytest.raises(CheckpointError, match="tok_emb.weight: size 130 along partition dim 0 is not divisible by tp=4"):
+    with pytest.raises(CheckpointError,
+                       match="tok_emb.weight: size 130 along partition dim 0 is not divisible by tp=4"):
         split_state_dict(sd, 4, n_head=tiny_config.n_head)
 
 

@@ -75,7 +75,8 @@ def _drop_layer(path, fmt):
 
     if fmt in ("gpt3zh", "hf"):
         sd = load_file(path / "model.safetensors")
-        save_file({k: v for k, v in sd.items() if ".1." not in k}, path / "model.safetensors", metadata={"format": "pt"})
+        save_file({k: v for k, v in sd.items() if ".1." not in k}, path / "model.safetensors",
+                  metadata={"format": "pt"})
     elif fmt == "modelscope":
         sd = torch.load(path / "pytorch_model.bin", weights_only=True)
         torch.save({k: v for k, v in sd.items() if ".layers.1." not in k}, path / "pytorch_model.bin")
@@ -96,7 +97,8 @@ def test_info_counts_the_real_tensors_and_fails_on_a_mismatch(tiny_config, tmp_p
     _drop_layer(d, fmt)
     assert main(["info", str(d)]) == 2
     out, err = capsys.readouterr()
-    assert f"params      {tiny_config.num_params - per_layer:,} in {16 * tp} tensors" in out  # 2 layers claimed, 1 there
+    # 2 layers claimed, 1 there
+    assert f"params      {tiny_config.num_params - per_layer:,} in {16 * tp} tensors" in out
     assert "MISMATCH" in out and "missing keys (12)" in out
     assert err.count("\n") == 1 and err.startswith(f"gpt3zh info: error: {d}: the weights do not match its config")
     assert main(["info", str(d), "--json"]) == 2

@@ -51,7 +51,8 @@ def write_jsonl(path, rows):
 
 
 def same_tokens(a, b) -> bool:
-    return a.mode == b.mode and (a.ids == b.ids).all() and (a.offsets == b.offsets).all() and (a.starts == b.starts).all()
+    return (a.mode == b.mode and (a.ids == b.ids).all() and (a.offsets == b.offsets).all()
+            and (a.starts == b.starts).all())
 
 
 # ------------------------------------------------------------------------------- the model cards

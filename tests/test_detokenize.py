@@ -41,7 +41,8 @@ def byte_level():
     backend = tokenizers.Tokenizer(models.BPE(vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<pad>", "<sep>", "<|endoftext|>")])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in ("<pad>", "<sep>", "<|endoftext|>")])
     return HFTokenizer(backend, b"", {"eod_token": "<|endoftext|>", "sep_token": "<sep>", "pad_token": "<pad>"})
 
 

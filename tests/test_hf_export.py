@@ -311,8 +311,8 @@ def test_gpt_from_pretrained_is_load_model(exports):
 
 def test_describe_names_the_exported_tokenizer_kind(exports):
     names = {kind: describe(ex.dir).extra["tokenizer"] for kind, ex in exports.items()}
-    assert names == {"hf": "tokenizer.json (character-level WordLevel, no jieba)", "jieba_bpe": "tokenizer.json (jieba + BPE)",
-                     "bert": "vocab.txt (BERT WordPiece)"}  # fmt: skip
+    assert names == {"hf": "tokenizer.json (character-level WordLevel, no jieba)",
+                     "jieba_bpe": "tokenizer.json (jieba + BPE)", "bert": "vocab.txt (BERT WordPiece)"}  # fmt: skip
 
 
 def test_a_modelscope_1_3B_directory_exports_its_jieba_tokenizer(tmp_path, lines):

@@ -117,7 +117,8 @@ def test_lm_eval_scores_equal_gpt3zhs_own(served, tmp_path):
             assert abs(ll - mine[k].logprob) < 1e-4, (row, ll, mine[k])  # one batch vs another: float sums
             k += 1
     scores = out["results"]["gpt3zh_poetry_mc"]
-    assert scores["acc,none"] == pytest.approx(ours["acc"]) and scores["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    assert (scores["acc,none"] == pytest.approx(ours["acc"])
+            and scores["acc_norm,none"] == pytest.approx(ours["acc_norm"]))
 
     # generate_until: lm-eval's greedy continuations are gpt3zh.generate's, cut at "。"
     for s in out["samples"]["gpt3zh_poetry_gen"]:

@@ -228,7 +228,8 @@ def test_streamed_chunks_carry_the_same_logprobs(server):
         merged = {key: [x for p in parts if p["logprobs"] for x in p["logprobs"][key]] for key in choice["logprobs"]}
         assert merged["tokens"] == choice["logprobs"]["tokens"]
         assert merged["text_offset"] == choice["logprobs"]["text_offset"]
-        assert all(abs(a - b) < TOL for a, b in zip(merged["token_logprobs"][1:], choice["logprobs"]["token_logprobs"][1:]))
+        assert all(abs(a - b) < TOL
+                   for a, b in zip(merged["token_logprobs"][1:], choice["logprobs"]["token_logprobs"][1:]))
 
 
 def test_chat_logprobs_and_top_logprobs(server, model):

@@ -235,7 +235,8 @@ def test_an_adapter_for_another_base_is_refused(base, tmp_path):
     adapter = result.output_dir
     wider = tmp_path / "wider"
     save_model(GPT(CONFIG.replace(d_model=64)), wider, tokenizer=TOK)
-    with pytest.raises(CheckpointError, match="another base model: it was trained on d_model=32, this base has d_model=64"):
+    with pytest.raises(CheckpointError,
+                       match="another base model: it was trained on d_model=32, this base has d_model=64"):
         load_pretrained(wider, adapter=adapter)
     # a peft adapter without gpt3zh's record: the shapes name the mismatch
     bare = tmp_path / "bare"

@@ -161,18 +161,23 @@ def bad_inputs(root: Path) -> list[tuple[str, list[str], list[str]]]:
     return [
         ("train", [used], [f"train.work_dir {run} already holds a run", "train.overwrite=true"]),
         ("train", [used, "train.resume=true", "train.max_steps=2"], ["step-00000004 is at step 4, past", "max_steps"]),
-        ("train", [used, "train.resume=true", "model.n_layer=3"], ["state.pt was saved for another model architecture"]),
+        ("train", [used, "train.resume=true", "model.n_layer=3"],
+         ["state.pt was saved for another model architecture"]),
         ("train", [cfg, "train.optimizer.lr=.inf"], ["train.optimizer.lr: expected a finite number"]),
         ("train", [cfg, "model.overrides.n_heads=2"], ["did you mean 'model.overrides.n_head'"]),
-        ("train", [cfg, f"dataset.train={root / 'latin1.jsonl'}"], ["latin1.jsonl: not UTF-8 text: byte 0xe9 at byte offset 16"]),
+        ("train", [cfg, f"dataset.train={root / 'latin1.jsonl'}"],
+         ["latin1.jsonl: not UTF-8 text: byte 0xe9 at byte offset 16"]),
         ("train", [cfg, f"dataset.eval={root / 'empty.jsonl'}"], ["empty.jsonl: no token to score"]),
-        ("train", [cfg, f"train.work_dir={root / 'notadir' / 'run'}"], [f"train.work_dir {root / 'notadir' / 'run'}: cannot be written", "Not a directory"]),
+        ("train", [cfg, f"train.work_dir={root / 'notadir' / 'run'}"],
+         [f"train.work_dir {root / 'notadir' / 'run'}: cannot be written", "Not a directory"]),
         ("train", [cfg, f"train.work_dir={root / 'notadir'}"], ["exists and is not a directory"]),
         ("train", [cfg, "train.resume=/nope"], ["/nope is not a checkpoint"]),
         ("eval", ["--model", out, "--data", str(root / "empty.jsonl")], ["empty.jsonl: no token to score"]),
         ("eval", ["--model", out, "--data", str(root / "latin1.jsonl")], ["latin1.jsonl: not UTF-8 text"]),
-        ("eval", ["--model", str(root / "nope"), "--data", str(root / "eval.jsonl")], ["nope: no such model directory"]),
-        ("eval", ["--model", out, "--data", str(root / "eval.jsonl"), "--metric", "rouge"], ["eval.jsonl row 1 has no tgt_txt"]),
+        ("eval", ["--model", str(root / "nope"), "--data", str(root / "eval.jsonl")],
+         ["nope: no such model directory"]),
+        ("eval", ["--model", out, "--data", str(root / "eval.jsonl"), "--metric", "rouge"],
+         ["eval.jsonl row 1 has no tgt_txt"]),
         ("info", [str(root / "nope")], ["nope: no such model directory"]),
         ("info", [str(root / "tok")], ["config.json: file not found"]),
         ("convert", [out, str(root / "notadir"), "--to", "hf"], ["notadir: exists and is not a directory"]),
@@ -219,7 +224,8 @@ def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoints(trained):
     # 100 kB: the log, the cache and the tokenizer fit, a checkpoint's state.pt (~370 kB) does not
     done = gpt3zh("train", str(write_config(root, max_steps=6, save_interval=2)), "train.resume=true", fsize=100_000)
     assert done.returncode == 2
-    one_error_line(done.stderr, "train", f"{root / 'run' / 'checkpoints' / 'step-00000006'}: cannot write: no space left")
+    one_error_line(done.stderr, "train",
+                   f"{root / 'run' / 'checkpoints' / 'step-00000006'}: cannot write: no space left")
     assert _checked_run_dir(root) == before and leftovers(root / "run") == []
     step = str(root / "run" / "checkpoints" / "step-00000004")
     for command, argv in [("export", [step, str(root / "exp")]),

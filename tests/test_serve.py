@@ -246,8 +246,9 @@ def test_concurrent_sampled_requests_each_equal_their_seeded_generate(server, re
 
     async def one(prompt, opts):
         ext = {k: opts[k] for k in ("top_k", "repetition_penalty")}
-        r = await aclient.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=30, temperature=opts["temperature"],
-                                             top_p=opts["top_p"], seed=opts["seed"], extra_body=ext)
+        r = await aclient.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=30,
+                                             temperature=opts["temperature"], top_p=opts["top_p"], seed=opts["seed"],
+                                             extra_body=ext)
         return r.choices[0].text
 
     async def all_clients():

@@ -124,8 +124,10 @@ SCHEDULE = {"lr_scheduler": {"type": "LambdaLR"}}
 @pytest.mark.parametrize(
     "kwargs,cfg_train,message",
     [
-        ({"lr_lambda": lambda s: 1 / s}, SCHEDULE, r"lr_lambda \(.*<lambda>\) raised ZeroDivisionError at 0: division by zero"),
-        ({"lr_lambda": lambda s: "fast"}, SCHEDULE, r"lr_lambda \(.*<lambda>\) returned 'fast' at 0; expected a finite number"),
+        ({"lr_lambda": lambda s: 1 / s}, SCHEDULE,
+         r"lr_lambda \(.*<lambda>\) raised ZeroDivisionError at 0: division by zero"),
+        ({"lr_lambda": lambda s: "fast"}, SCHEDULE,
+         r"lr_lambda \(.*<lambda>\) returned 'fast' at 0; expected a finite number"),
         ({"lr_lambda": lambda s: float("nan")}, SCHEDULE, r"returned nan at 0"),
         ({"lr_lambda": lambda s: -1}, SCHEDULE, r"returned -1 at 0; expected a finite number >= 0"),
         ({}, SCHEDULE, r"LambdaLR takes its schedule from Python: pass lr_lambda="),
@@ -135,7 +137,8 @@ SCHEDULE = {"lr_scheduler": {"type": "LambdaLR"}}
          r"train_dataset: no column 'src_txt' \(columns: text1\)"),
         ({"train_dataset": [{"src_txt": 3}]}, {}, r"train_dataset: row 1 column 'src_txt' must be a string"),
         ({"eval_dataset": "missing.jsonl"}, {}, r"data file not found: missing.jsonl"),
-        ({"train_dataset": None}, {}, r"dataset.train: no training data given \(a data file, or train_dataset= in gpt3zh.train\)"),
+        ({"train_dataset": None}, {},
+         r"dataset.train: no training data given \(a data file, or train_dataset= in gpt3zh.train\)"),
     ],
 )
 def test_bad_inputs_fail_before_anything_is_written(root, kwargs, cfg_train, message):

@@ -315,5 +315,6 @@ def test_progress_bars_only_on_a_terminal_or_when_asked(char_setup, capsys):
     assert "tokenizing" in err and "2/2" in err
     assert main(["eval", "--model", str(root / "run2" / "output"), "--data", str(root / "eval.jsonl")]) == 0
     assert "\r" not in capsys.readouterr().err
-    assert main(["eval", "--model", str(root / "run2" / "output"), "--data", str(root / "eval.jsonl"), "--progress"]) == 0
+    assert main(["eval", "--model", str(root / "run2" / "output"), "--data", str(root / "eval.jsonl"),
+                 "--progress"]) == 0
     assert "ppl" in capsys.readouterr().err

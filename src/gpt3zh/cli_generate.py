@@ -111,10 +111,12 @@ def _load_pipeline(args: argparse.Namespace):
 
 # --------------------------------------------------------------------------------------- generate
 def generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="*", help="prompts (none: read --file, or stdin; on a terminal, an interactive loop)")
+    p.add_argument("prompt", nargs="*",
+                   help="prompts (none: read --file, or stdin; on a terminal, an interactive loop)")
     _model_flags(p)  # before the sampling flags: its --dtype wins over GenerationConfig.dtype
     p.add_argument("--file", help="read prompts from this file, one per line (blank lines skipped), batched")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch for --file / stdin / --json (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="prompts per batch for --file / stdin / --json (default 8)")
     p.add_argument("--json", action="store_true", help='print one JSON object per prompt: {"prompt": ..., "text": ...}')
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks (launch with torchrun --nproc_per_node N; rank 0 prints)")

@@ -50,7 +50,8 @@ def check_choice_rows(rows: list[dict], where: str) -> None:
         if not isinstance(context, str) or not context:
             raise ConfigError(f"{where}: row {i} context must be a non-empty string, got {context!r}")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise ConfigError(f"{where}: row {i} choices must be a list of at least 2 non-empty strings, got {choices!r}")
+            raise ConfigError(f"{where}: row {i} choices must be a list of at least 2 non-empty strings, "
+                              f"got {choices!r}")
         if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
             raise ConfigError(f"{where}: row {i} gold must be an index into its {len(choices)} choices, got {gold!r}")
 
@@ -111,7 +112,8 @@ def run_eval(
     from .config import ConfigError
     from .tokenizer import load_tokenizer
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                       else "cpu" if device == "auto" else device)
     rows = read_rows(data_path, remap_columns)
     if is_choice_data(rows):
         return _run_choice_eval(model_path, data_path, rows, metrics, tokenizer, batch_size, max_rows, dev, adapter)

@@ -45,7 +45,8 @@ def as_rows(prompts: Sequence[Sequence[int]] | torch.Tensor, vocab_size: int) ->
     """Prompts as a list of token-id lists; each non-empty and inside the vocabulary."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"prompts tensor must be an integer (B, T) tensor, got {prompts.dtype} {tuple(prompts.shape)}")
+            raise ValueError("prompts tensor must be an integer (B, T) tensor, "
+                             f"got {prompts.dtype} {tuple(prompts.shape)}")
         prompts = prompts.tolist()
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists (or a (B, T) LongTensor), got "

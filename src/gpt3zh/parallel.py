@@ -192,14 +192,16 @@ def _style(kind: str, module: nn.Module):
     if kind == "replicate_dtensor":
         # Hand the (replicated) final hidden states on as a DTensor so the tied head `h @ W_emb^T`
         # multiplies two DTensors and yields vocab-sharded logits.
-        return PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Replicate(), use_local_output=False)
+        return PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Replicate(),
+                                   use_local_output=False)
     raise ValueError(f"unknown tensor-parallel style {kind!r} (expected colwise or rowwise)")
 
 
 def tp_plan_for(model: nn.Module, vocab_parallel: bool = False) -> dict[str, str]:
     """The plan table expanded to concrete module names of `model`."""
     plan = _plan(vocab_parallel)
-    matched = {name: kind for name, _ in model.named_modules() for pat, kind in plan.items() if fnmatch.fnmatchcase(name, pat)}
+    matched = {name: kind for name, _ in model.named_modules()
+               for pat, kind in plan.items() if fnmatch.fnmatchcase(name, pat)}
     missing = [pat for pat in plan if not any(fnmatch.fnmatchcase(n, pat) for n in matched)]
     if missing:
         raise ValueError(f"tensor-parallel plan patterns match no module of the model: {missing}")
@@ -422,8 +424,8 @@ def check_tp_inference(cfg: GPTConfig, tp: int, world_size: int, command: str = 
         raise ParallelError(f"--tp must be a positive int, got {tp!r}")
     if world_size != tp:
         raise ParallelError(
-            f"tensor parallelism tp={tp} needs {tp} processes: launch with `torchrun --nproc_per_node {tp} -m gpt3zh {command} "
-            f"--tp {tp} ...` (this launch has {world_size})"
+            f"tensor parallelism tp={tp} needs {tp} processes: launch with "
+            f"`torchrun --nproc_per_node {tp} -m gpt3zh {command} --tp {tp} ...` (this launch has {world_size})"
         )
     ParallelDims(tp=tp).validate(cfg, vocab_parallel=False)
 
@@ -460,7 +462,8 @@ def agree_across_ranks(what: str, value: str) -> None:
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     if len(set(values)) > 1:
-        raise ParallelError(f"the ranks disagree on the {what}: " + "; ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
+        raise ParallelError(f"the ranks disagree on the {what}: "
+                            + "; ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
 
 
 def load_tp_inference(source, tp_mesh: DeviceMesh, device: str | torch.device = "cpu",

@@ -101,7 +101,8 @@ class Likelihood:
     truncated: bool  # the context was cut on the left to fit the model's context
 
 
-def loglikelihood(model: ModelLike, tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> list[Likelihood]:
+def loglikelihood(model: ModelLike, tokenizer, pairs: Sequence[tuple[str, str]],
+                  batch_size: int = 16) -> list[Likelihood]:
     """log p(continuation | context) for each (context, continuation) pair (see the module docstring).
 
     A pair longer than the model's context keeps its last max_seq_len tokens (the context is cut

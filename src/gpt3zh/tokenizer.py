@@ -364,7 +364,7 @@ class HFTokenizer(Tokenizer):
 _CLASSES = {"jieba_bpe": JiebaBPETokenizer, "bert": BertTokenizer, "hf": HFTokenizer}
 
 
-# ------------------------------------------------------------------------- BERT decoding (ModelScope's BERT preprocessing)
+# -------------------------------------------------- BERT decoding (ModelScope's BERT preprocessing)
 def _clean_up_tokenization(text: str) -> str:
     """transformers' `clean_up_tokenization` (BertTokenizer's default): glue English punctuation."""
     for old, new in (

@@ -38,7 +38,8 @@ def _entry(rank: int, fn, world_size: int, init_file: str, args) -> None:
 def spawn(fn, world_size: int, *args, timeout: float = 120) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(
-            _entry, args=(fn, world_size, os.path.join(tmp, "rdzv"), args), nprocs=world_size, join=False, start_method="spawn"
+            _entry, args=(fn, world_size, os.path.join(tmp, "rdzv"), args), nprocs=world_size, join=False,
+            start_method="spawn",
         )
         deadline = time.monotonic() + timeout
         try:

@@ -75,7 +75,8 @@ def test_generate_cli_with_tp2_under_torchrun_prints_the_one_process_text(tmp_pa
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_layer=2, n_head=4, d_model=32, max_seq_len=32))
     save_model(model, tmp_path / "m", tokenizer=tok)
-    args = ["generate", "--model", str(tmp_path / "m"), "--max-new-tokens", "10", "--no-do-sample", "--json", "床前", "举头望"]
+    args = ["generate", "--model", str(tmp_path / "m"), "--max-new-tokens", "10", "--no-do-sample", "--json",
+            "床前", "举头望"]
     assert main(args) == 0
     want = capsys.readouterr().out
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gpt3zh",

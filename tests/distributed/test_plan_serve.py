@@ -20,7 +20,8 @@ def test_plan_serve_prints_the_memory_table_for_every_tp(capsys):
     assert [r[0] for r in rows] == ["1", "2", "4", "8"]  # the tp sizes 40 heads allow on one node
     weights = [float(r[2]) for r in rows]
     assert weights[0] == pytest.approx(2 * PRESETS["13B"].num_params / GiB, abs=0.05)  # bf16, all of it
-    assert all(1.8 * w2 < w1 < 2 * w2 for w1, w2 in itertools.pairwise(weights))  # halves, but the embeddings stay whole
+    # halves, but the embeddings stay whole
+    assert all(1.8 * w2 < w1 < 2 * w2 for w1, w2 in itertools.pairwise(weights))
 
 
 def test_serve_plan_is_the_layout_each_rank_holds():

@@ -298,7 +298,8 @@ def test_impossible_layouts_are_refused_before_any_weight_or_process_group(dirs,
     d = save_model(GPT(odd), tmp_path / "odd", tokenizer=TOK)
     (d / "model.safetensors").unlink()  # the check must not need the weights
     assert main(["serve", "--model", str(dirs["gpt3zh"]), "--tp", "2"]) == 2
-    assert "tensor parallelism tp=2 needs 2 processes: launch with `torchrun --nproc_per_node 2" in capsys.readouterr().err
+    assert ("tensor parallelism tp=2 needs 2 processes: launch with `torchrun --nproc_per_node 2"
+            in capsys.readouterr().err)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["serve", "--model", str(d), "--tp", "2"]) == 2
     err = capsys.readouterr().err

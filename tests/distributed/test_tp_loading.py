@@ -53,7 +53,8 @@ def test_megatron_shards_at_any_tp_give_each_rank_its_slice(model, tmp_path, sha
     for rank in range(tp):
         state, read = read_tp_shard(src, shard_dims(model), rank, tp)
         _assert_slices(state, _expected(model, rank, tp))
-        own = [f"mp_rank_{j:02d}_model_states.pt" for j in range(shards) if rank * shards // tp <= j < -(-(rank + 1) * shards // tp)]
+        own = [f"mp_rank_{j:02d}_model_states.pt" for j in range(shards)
+               if rank * shards // tp <= j < -(-(rank + 1) * shards // tp)]
         assert read.startswith(f"read {', '.join(own)} of {shards} Megatron shards"), read
     if shards == tp > 1:  # each rank its own file, plus the embedding rows of the others
         assert read == f"read mp_rank_{tp - 1:02d}_model_states.pt of {tp} Megatron shards " \
@@ -90,7 +91,8 @@ def test_a_bad_shard_file_is_named(model, tmp_path):
     sd = torch.load(bad, weights_only=True)["module"]
     sd.pop("language_model.encoder.final_layernorm.bias")
     torch.save({"module": sd}, bad)
-    with pytest.raises(CheckpointError, match=r"(?s)mp_rank_01_model_states\.pt: .*missing keys \(1\): language_model.encoder.final_layernorm.bias"):
+    with pytest.raises(CheckpointError, match=r"(?s)mp_rank_01_model_states\.pt: .*missing keys \(1\): "
+                                              r"language_model.encoder.final_layernorm.bias"):
         read_tp_shard(describe_source(d), shard_dims(model), 1, 2)
 
 
@@ -126,7 +128,8 @@ def _dcp_worker(rank, world, model_dir, step_dir):
         for (name, a), (_, b) in zip(got.named_parameters(), want.named_parameters(), strict=True):
             assert a.shape == b.shape and torch.equal(a, b), (src, name)
         assert [type(m) for m in got.modules()] == [type(m) for m in want.modules()]
-    assert read == f"read mp_rank_{rank:02d}_model_states.pt of 4 Megatron shards (and the vocab embedding's rows from 3 more)"
+    assert read == (f"read mp_rank_{rank:02d}_model_states.pt of 4 Megatron shards "
+                    "(and the vocab embedding's rows from 3 more)")
 
 
 @pytest.mark.slow

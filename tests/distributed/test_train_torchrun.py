@@ -119,5 +119,6 @@ def test_layout_checks_run_before_any_process_group(tmp_path):
     with pytest.raises(ParallelError, match="megatron.world_size=8 does not match the launched world size 2"):
         layout(load_config(path, ["megatron.world_size=8"]), 2, gpt)  # tp=2 from the file
     cfg = load_config(path, ["megatron.world_size=8", "megatron.tensor_model_parallel_size=8"])
-    with pytest.raises(ParallelError, match=r"n_head=12 is not divisible by tp=8.*tp values that fit this model: \[1, 2, 4\]"):
+    with pytest.raises(ParallelError,
+                       match=r"n_head=12 is not divisible by tp=8.*tp values that fit this model: \[1, 2, 4\]"):
         layout(cfg, 8, gpt)

@@ -163,7 +163,8 @@ def megatron_configuration(base: dict | None, tp: int) -> dict:
         "model": {"type": "gpt3"},
     }
     conf["pipeline"] = {**conf.get("pipeline", {}), "type": "gpt3-generation"}
-    megatron = {k: v for k, v in conf.get("megatron", {}).items() if k not in ("rank", "checkpoint_tensor_model_parallel_size")}
+    megatron = {k: v for k, v in conf.get("megatron", {}).items()
+                if k not in ("rank", "checkpoint_tensor_model_parallel_size")}
     megatron.update(world_size=tp, tensor_model_parallel_size=tp)
     conf["megatron"] = megatron
     return conf
@@ -189,7 +190,8 @@ _HF_GELU = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 def hf_to_config(d: dict, gen_d: dict, where: Path) -> tuple[GPTConfig, GenerationDefaults]:
     act = d.get("activation_function", "gelu_new")
     if act not in _HF_GELU:
-        raise CheckpointError(f"{where}: activation_function={act!r} is not supported (expected one of {list(_HF_GELU)})")
+        raise CheckpointError(f"{where}: activation_function={act!r} is not supported "
+                              f"(expected one of {list(_HF_GELU)})")
     for key, want in (("tie_word_embeddings", True), ("scale_attn_weights", True),
                       ("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)):
         if d.get(key, want) != want:

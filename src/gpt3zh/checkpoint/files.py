@@ -303,7 +303,8 @@ class _DCPMetadataUnpickler:
         except CheckpointError:
             raise
         except Exception as err:
-            raise CheckpointError(f"{path}: cannot read DCP metadata: truncated or not a DCP checkpoint ({err})") from None
+            raise CheckpointError(f"{path}: cannot read DCP metadata: truncated or not a DCP checkpoint "
+                                  f"({err})") from None
 
 
 def _dcp_reader(d: Path):

@@ -50,7 +50,8 @@ def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: expected tensors only, but these keys hold other values: {', '.join(map(str, bad[:8]))}")
+        raise CheckpointError(f"{path}: expected tensors only, but these keys hold other values: "
+                              f"{', '.join(map(str, bad[:8]))}")
     return obj
 
 
@@ -152,7 +153,8 @@ class TrainCheckpointFormat:
         meta = read_json(d / "meta.json", "training checkpoint metadata") if (d / "meta.json").is_file() else {}
         if (d / "dcp").is_dir():
             first = next(iter(dcp_tensor_entries(d / "dcp", "model").values()))
-            return {"step": meta.get("step"), "dtype": _dtype_name(first.properties.dtype), "parallel": meta.get("parallel")}
+            return {"step": meta.get("step"), "dtype": _dtype_name(first.properties.dtype),
+                    "parallel": meta.get("parallel")}
         t = next(iter(cls.model_state(d).values()), None)
         return {"step": meta.get("step"), "dtype": _dtype_name(t.dtype) if t is not None else "unknown"}
 
@@ -427,7 +429,8 @@ class HFFormat:
         found = {new: shapes[old] for new, old in renamed.names.items()}
         tables.check_keys(found, cls.expected_shapes(d, cfg), str(path), _why(cfg, d / "config.json"))
         if "lm_head.weight" in shapes and not torch.equal(src["lm_head.weight"], renamed["transformer.wte.weight"]):
-            raise CheckpointError(f"{path}: lm_head.weight differs from transformer.wte.weight; gpt3zh needs a tied output head")
+            raise CheckpointError(f"{path}: lm_head.weight differs from transformer.wte.weight; "
+                                  "gpt3zh needs a tied output head")
         return tables.from_foreign(renamed, tables.HF, cfg, dtype)
 
     @classmethod

@@ -126,7 +126,8 @@ def same_fingerprint(a: list[float] | None, b: list[float] | None) -> bool:
 def check_fingerprint(stored: list[float] | None, model: GPT, where: str) -> None:
     if not same_fingerprint(stored, fingerprint(model)):
         raise CheckpointError(f"{where}: the base model's weights are not the ones this adapter was trained on "
-                              f"(its sampled weights differ); it is an adapter for another checkpoint of the same shape")
+                              "(its sampled weights differ); it is an adapter for another checkpoint "
+                              "of the same shape")
 
 
 def describe_base(base: str | os.PathLike, config: GPTConfig, generation: GenerationDefaults,

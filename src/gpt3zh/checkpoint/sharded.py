@@ -124,7 +124,8 @@ def _read_megatron(src: Source, split: Split, rank: int, tp: int, dtype) -> tupl
         if j not in opened:  # memory-mapped: tensors are read when sliced below
             obj = load_torch(paths[j], "Megatron tensor-parallel shard")
             sd = formats._tensor_dict(obj["module"] if isinstance(obj, dict) and "module" in obj else obj, paths[j])
-            tables.check_keys(formats._shapes(sd), expected, str(paths[j]), formats._why(cfg, src.path / "config.json", k))
+            tables.check_keys(formats._shapes(sd), expected, str(paths[j]),
+                              formats._why(cfg, src.path / "config.json", k))
             opened[j] = sd
         return opened[j]
 

@@ -139,7 +139,8 @@ class _Server:
         if self.config.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.config.api_key.encode()):
+        if (scheme.lower() != "bearer"
+                or not secrets.compare_digest(token.strip().encode(), self.config.api_key.encode())):
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
 
@@ -169,7 +170,8 @@ class _Server:
         """Tokenize in a worker thread: a long prompt must not stall the event loop's other streams."""
         return await run_in_threadpool(lambda: [self.encode(p, param) for p in prompts])
 
-    def generation_config(self, body: P._Sampling, prompt_len: int, param: str, stop: tuple[str, ...]) -> GenerationConfig:
+    def generation_config(self, body: P._Sampling, prompt_len: int, param: str,
+                          stop: tuple[str, ...]) -> GenerationConfig:
         """The request's GenerationConfig: the model's defaults (GenerationConfig.from_defaults, as the
         pipeline and the CLI), then the fields the request sets; its length checked against the
         cap and the context."""
@@ -383,7 +385,8 @@ def _tokenize(server: _Server, text: str, special: bool) -> list[int]:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise APIError(400, f"the text is not valid Unicode: {err.reason} at character {err.start}", param="prompt") from None
+        raise APIError(400, f"the text is not valid Unicode: {err.reason} at character {err.start}",
+                       param="prompt") from None
     ids = list(server.tokenizer.encode(text))
     if special:
         return ids
@@ -576,7 +579,8 @@ class _ChatStream(_Stream):
         return P.ChatLogprobs(content=[entry])
 
     async def chunks(self) -> AsyncIterator[str]:
-        roles = [P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content="")) for i in range(self.n_choices)]
+        roles = [P.ChatChunkChoice(index=i, delta=P.ChatDelta(role="assistant", content=""))
+                 for i in range(self.n_choices)]
         yield self._chunk(roles)
         async for index, ev in self.events():
             reason = ev.reason if isinstance(ev, FinishEvent) else None

@@ -185,7 +185,8 @@ class ChatCompletionRequest(_Sampling):
     @classmethod
     def _check_top(cls, value):
         if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs={value}: give 0 to {MAX_TOP_LOGPROBS} alternatives per token (OpenAI's bound)")
+            raise ValueError(f"top_logprobs={value}: give 0 to {MAX_TOP_LOGPROBS} alternatives per token "
+                             "(OpenAI's bound)")
         return value
 
     @model_validator(mode="after")

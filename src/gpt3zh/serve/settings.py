@@ -27,6 +27,7 @@ class ServeConfig:
                 raise ValueError(f"serve option {name} must be a positive int, got {value!r}")
         if isinstance(self.read_timeout, bool) or not isinstance(self.read_timeout, (int, float)) \
                 or not 0 < self.read_timeout < float("inf"):
-            raise ValueError(f"serve option read_timeout must be a positive number of seconds, got {self.read_timeout!r}")
+            raise ValueError("serve option read_timeout must be a positive number of seconds, "
+                             f"got {self.read_timeout!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("serve option api_key must not be empty (leave it out to disable auth)")

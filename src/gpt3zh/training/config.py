@@ -98,7 +98,8 @@ class LoraConfig:
 def _validate_lora(cfg: Any) -> None:
     lora, t = cfg.train.lora, cfg.train
     if lora.r == 0:
-        changed = [f.name for f in dataclasses.fields(LoraConfig) if getattr(lora, f.name) != getattr(LoraConfig(), f.name)]
+        changed = [f.name for f in dataclasses.fields(LoraConfig)
+                   if getattr(lora, f.name) != getattr(LoraConfig(), f.name)]
         if changed:
             raise ConfigError(f"train.lora.{changed[0]} is set but train.lora.r is 0 (LoRA off); give train.lora.r > 0")
         return
@@ -108,7 +109,8 @@ def _validate_lora(cfg: Any) -> None:
         raise ConfigError(f"train.lora: alpha must be > 0 and dropout in [0, 1), got alpha={lora.alpha}, "
                           f"dropout={lora.dropout}")
     if not lora.target_modules or not all(isinstance(m, str) and m for m in lora.target_modules):
-        raise ConfigError(f"train.lora.target_modules must be a non-empty list of layer names, got {lora.target_modules!r}")
+        raise ConfigError("train.lora.target_modules must be a non-empty list of layer names, "
+                          f"got {lora.target_modules!r}")
     if cfg.model.path is None:
         raise ConfigError("train.lora adapts a trained model: give model: DIR (a preset has nothing to adapt)")
     if t.param_dtype != "fp32":
@@ -544,7 +546,8 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(t, name) is not None:
             _positive(getattr(t, name), f"train.{name}")
     if t.overwrite and t.resume is not False:
-        raise ConfigError("train.overwrite=true starts the run again from step 0; it cannot be combined with train.resume")
+        raise ConfigError("train.overwrite=true starts the run again from step 0; "
+                          "it cannot be combined with train.resume")
     if t.keep_last < 1:
         raise ConfigError(f"train.keep_last must be >= 1, got {t.keep_last}")
     if cfg.preprocessor.sequence_length < 2:

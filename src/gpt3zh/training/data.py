@@ -104,11 +104,13 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError(f"{path}: reading parquet needs pyarrow (pip install 'gpt3zh[data]'), or export it to JSONL") from None
+        raise DataError(f"{path}: reading parquet needs pyarrow (pip install 'gpt3zh[data]'), "
+                        "or export it to JSONL") from None
     try:
         return pq.read_table(path).to_pylist()
     except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
-        raise DataError(f"{path}: cannot read as parquet ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise DataError(f"{path}: cannot read as parquet "
+                        f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def _read_datasets_dir(path: Path) -> list[dict[str, Any]]:

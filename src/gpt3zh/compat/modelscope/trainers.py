@@ -40,7 +40,8 @@ HONOURED = ("model", "cfg_file", "train_dataset", "eval_dataset", "max_epochs", 
 # ModelScope trainer arguments gpt3zh has no counterpart for: refused, never dropped
 REFUSED = {
     "data_collator": "gpt3zh collates its own token rows",
-    "preprocessor": "gpt3zh tokenizes with the model directory's tokenizer (cfg.preprocessor.sequence_length is honoured)",
+    "preprocessor": "gpt3zh tokenizes with the model directory's tokenizer "
+                    "(cfg.preprocessor.sequence_length is honoured)",
     "optimizers": "set cfg.train.optimizer / cfg.train.lr_scheduler in cfg_modify_fn instead",
     "arg_parse_fn": "set the values in cfg_modify_fn instead",
     "train_iters_per_epoch": "gpt3zh's epoch is one pass over train_dataset",
@@ -55,7 +56,8 @@ def build_trainer(name: str = Trainers.gpt3_trainer, default_args: dict[str, Any
     """ModelScope's build_trainer for the GPT-3 trainers (Trainers.gpt3_trainer, nlp_base_trainer)."""
     names = (Trainers.gpt3_trainer, Trainers.nlp_base_trainer)
     if name not in names:
-        raise ValueError(f"build_trainer(name={name!r}): gpt3zh builds the GPT-3 trainers {', '.join(map(repr, names))}")
+        raise ValueError(f"build_trainer(name={name!r}): gpt3zh builds the GPT-3 trainers "
+                         f"{', '.join(map(repr, names))}")
     return GPT3Trainer(name=name, **(default_args or {}))
 
 

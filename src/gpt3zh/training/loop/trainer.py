@@ -710,8 +710,9 @@ class Trainer:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[c.base_dtype]
         plan = plan_lora(self.gpt_cfg, r=c.r, targets=tuple(c.target_modules), base_dtype=dtype,
                          seq_len=self.cfg.preprocessor.sequence_length, micro_batch=t.dataloader.batch_size_per_gpu,
-                         act_bytes=2 if t.precision != "fp32" else 4, activation_checkpointing=t.activation_checkpointing,
-                         dropout=c.dropout, gpu_mem_gib=_gpu_gib(self.device))
+                         act_bytes=2 if t.precision != "fp32" else 4,
+                         activation_checkpointing=t.activation_checkpointing, dropout=c.dropout,
+                         gpu_mem_gib=_gpu_gib(self.device))
         return "estimated GPU memory: " + format_lora_plan("this run", plan)
 
 
@@ -947,7 +948,8 @@ def _clean_stale(work_dir: Path) -> list[Path]:
     stale = [p for p in (ckpt.iterdir() if ckpt.is_dir() else ())
              if p.name.startswith((".tmp-", ".trash-")) or (_step_of(p) is not None and not (p / STATE_FILE).is_file())]
     for name in (p.name for p in _run_files(work_dir, all_names=True)):
-        stale += [work_dir / f"{prefix}{name}" for prefix in (".tmp-", ".trash-") if (work_dir / f"{prefix}{name}").exists()]
+        stale += [work_dir / f"{prefix}{name}" for prefix in (".tmp-", ".trash-")
+                  if (work_dir / f"{prefix}{name}").exists()]
     stale += list((work_dir / "cache").glob(".tmp-*.npz"))
     for p in sorted(stale):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
