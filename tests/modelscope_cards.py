@@ -80,7 +80,7 @@ from gpt3zh.compat.modelscope import Tasks
 text_generation_zh = pipeline(Tasks.text_generation, model='damo/nlp_gpt3_text-generation_chinese-base')
 result_zh = text_generation_zh("随着计算机视觉的飞速发展,人脸识别技术已从简单场景发展到复杂场景,也即姿态、光照、表情、噪声、遮挡、化妆、年龄、种族、性别等差异化所呈现的复杂场景。尽管已有的人脸识别系统在特定约束环境下的识别成功率较高,")
 print(result_zh['text'])
-'''
+'''  # noqa: E501 (the card's prompt line, verbatim: check_base_script compares the script with the card line by line)
 
 
 # --------------------------------------------------------------------------------------- scripts
@@ -97,7 +97,8 @@ def port(code: str) -> str:
 
 def card_scripts() -> dict[str, str]:
     """{'pipeline', 'finetune_poetry', 'finetune_dureader'}: the 1.3B card's blocks, ported."""
-    blocks = re.findall(r"```python\n(.*?)```", (SPEC / "model-card-gpt3-1.3B.md").read_text(encoding="utf-8"), re.DOTALL)
+    blocks = re.findall(r"```python\n(.*?)```", (SPEC / "model-card-gpt3-1.3B.md").read_text(encoding="utf-8"),
+                        re.DOTALL)
     assert len(blocks) == 3, len(blocks)
     pipe, poetry, dureader = blocks
     assert "pipeline(Tasks.text_generation" in pipe and poetry.startswith("# finetune_poetry.py")
@@ -168,7 +169,10 @@ def write_datasets(root: Path) -> None:
            [{"text1": r["src_txt"]} for r in _read(poetry / "sample.jsonl", N_POETRY)])
     _write(root / "chinese-poetry-collection" / "test.jsonl",
            [{"text1": r["src_txt"]} for r in _read(poetry / "test.jsonl", N_POETRY_TEST)])
-    short = lambda r: len(r["src_txt"]) < 350  # rows that fit sequence_length 512 whole: every target trains
+
+    def short(r: dict) -> bool:  # rows that fit sequence_length 512 whole: every target trains
+        return len(r["src_txt"]) < 350
+
     qg = DATA / "qg"
     for split, src, n in (("train", "train.jsonl", N_QG), ("validation", "dev.jsonl", N_QG_DEV)):
         _write(root / "DuReader_robust-QG" / f"{split}.jsonl",

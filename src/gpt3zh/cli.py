@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from .cli_generate import DEMO, GENERATE  # light: nothing heavy is imported until a command runs
 from .config import PRESETS, ConfigError, GPTConfig
 
 
@@ -407,7 +408,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8, help="with --serve: engine rows, as serve --max-batch (default 8)")
     p.add_argument("--lora", action="store_true", help="LoRA fine-tuning on one GPU (train.lora) instead of a full one")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (with --lora; default 8)")
-    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (with --lora; > 0 keeps more activations)")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="LoRA dropout (with --lora; > 0 keeps more activations)")
     p.add_argument("--base-dtype", choices=["bf16", "fp16", "fp32"], default="bf16",
                    help="dtype of the frozen base (with --lora; default bf16)")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -419,7 +421,8 @@ def _plan_lora_run(args: argparse.Namespace) -> int:
     from .planning import format_lora_plan, plan_lora
 
     if args.dp is not None or args.tp is not None:
-        raise CLIError("plan --lora: plans one GPU; LoRA with tensor parallelism is not supported (leave out --dp/--tp)")
+        raise CLIError("plan --lora: plans one GPU; LoRA with tensor parallelism is not supported "
+                       "(leave out --dp/--tp)")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.base_dtype]
     plan = plan_lora(PRESETS[args.preset], r=args.lora_r, base_dtype=dtype, seq_len=args.seq,
                      micro_batch=args.micro_batch, gpu_mem_gib=args.gpu_mem, dropout=args.lora_dropout,
@@ -454,7 +457,8 @@ def _plan_run(args: argparse.Namespace) -> int:
                            "try --activation-checkpointing or a smaller --micro-batch / --seq")
     else:
         plan = plan_layout(cfg, ParallelDims(dp=args.dp or 1, tp=args.tp or 1), rank=args.rank, **kw)
-    print(json.dumps({"preset": args.preset, **plan.to_dict()}, indent=2) if args.json else format_plan(args.preset, plan))
+    print(json.dumps({"preset": args.preset, **plan.to_dict()}, indent=2) if args.json
+          else format_plan(args.preset, plan))
     return 0
 
 
@@ -479,14 +483,13 @@ def _plan_serve(args: argparse.Namespace, cfg: GPTConfig) -> int:
 
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]
 
-from .cli_generate import DEMO, GENERATE  # light: nothing heavy is imported until a command runs
-
 COMMANDS: dict[str, Command] = {
     "generate": GENERATE,
     "demo": DEMO,
     "info": (_info_args, _info_run, "parameter count, size and format of a preset or model directory"),
     "init": (_init_args, _init_run, "write a randomly initialised model of a preset (to try the tools)"),
-    "convert": (_convert_args, _convert_run, "convert a model directory to another format (gpt3zh, modelscope, megatron, hf)"),
+    "convert": (_convert_args, _convert_run,
+                "convert a model directory to another format (gpt3zh, modelscope, megatron, hf)"),
     "export": (_export_args, _convert_run, "write a training checkpoint (or any model directory) as a model directory"),
     "train": (_train_args, _train_run, "fine-tune or train from a YAML/JSON config (KEY=VALUE overrides win)"),
     "eval": (_eval_args, _eval_run, "perplexity, or greedy ROUGE-L / BLEU-4, of a model on a data file"),

@@ -159,7 +159,9 @@ def _lower_bound(cfg: GPTConfig, world: int, tp: int, **kw) -> float:
 
 
 def format_plan(name: str, plan: MemoryPlan) -> str:
-    gib = lambda n: f"{n / GiB:8.2f} GiB"
+    def gib(n: float) -> str:
+        return f"{n / GiB:8.2f} GiB"
+
     rows = [
         f"{name}: dp={plan.dp} x tp={plan.tp} = {plan.dp * plan.tp} GPUs (rank {plan.rank})",
         f"  params       {gib(plan.params)}",
@@ -244,14 +246,20 @@ def serving_tps(cfg: GPTConfig) -> list[int]:
 
 def format_serve_plans(name: str, plans: list[ServePlan], dtype: str) -> str:
     p0 = plans[0]
-    gib = lambda n: f"{n / GiB:.1f} GiB"
+
+    def gib(n: float) -> str:
+        return f"{n / GiB:.1f} GiB"
+
     head = (f"{name} serving, {dtype} weights and KV cache, batch {p0.batch} x context {p0.context}, "
             f"{p0.gpu_bytes / GiB:.0f} GiB GPUs ({RESERVE:.0%} kept free); per GPU:")
     cols = ("tp", "GPUs", "weights", "KV cache", "activations", "total", "fits")
     rows = [(str(p.tp), str(p.tp), gib(p.weights), gib(p.kv_cache), gib(p.activations), gib(p.total),
              "yes" if p.fits else "no") for p in plans]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
+
     return "\n".join([head, line(cols), *map(line, rows)])
 
 
@@ -319,7 +327,8 @@ def plan_lora(
     targeted = [m for name, m in model.named_modules()
                 if type(m) is nn.Linear and any(name == t or name.endswith("." + t) for t in targets)]
     if not targeted:
-        raise ValueError(f"LoRA targets {list(targets)} name no linear layer (each block has {', '.join(LORA_TARGETS)})")
+        raise ValueError(f"LoRA targets {list(targets)} name no linear layer "
+                         f"(each block has {', '.join(LORA_TARGETS)})")
     adapter_params = sum(r * (m.in_features + m.out_features) for m in targeted)
     extra_per_token = r * len(targeted)  # A's outputs
     if dropout > 0:
@@ -334,7 +343,9 @@ def plan_lora(
 
 
 def format_lora_plan(name: str, plan: LoraPlan) -> str:
-    gib = lambda n: f"{n / GiB:8.2f} GiB"
+    def gib(n: float) -> str:
+        return f"{n / GiB:8.2f} GiB"
+
     rows = [
         (f"{name}: LoRA r={plan.r} on 1 GPU ({plan.adapter_params:,} trained parameters, "
          f"{plan.adapter_params / plan.base_params:.2%} of the base's {plan.base_params:,})"),

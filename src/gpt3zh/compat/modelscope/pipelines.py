@@ -75,7 +75,8 @@ def pipeline(
     if framework not in (None, "pytorch"):
         raise ValueError(f"pipeline(framework={framework!r}): gpt3zh runs pytorch models only")
     if model_revision not in (None, "master"):
-        raise ValueError(f"pipeline(model_revision={model_revision!r}): gpt3zh uses the cached snapshot (revision None)")
+        raise ValueError(f"pipeline(model_revision={model_revision!r}): gpt3zh uses the cached snapshot "
+                         "(revision None)")
     if kwargs:
         raise ValueError(f"pipeline(): {unknown_key_message(next(iter(kwargs)), ['device', 'model'], 'argument')}")
     from ...checkpoint import load_pretrained
@@ -122,8 +123,8 @@ class TextGenerationPipeline(_Gpt3zhPipeline):
             if name not in MODELSCOPE_OPTIONS + GPT3ZH_OPTIONS:
                 raise ConfigError(unknown_key_message(name, list(MODELSCOPE_OPTIONS + GPT3ZH_OPTIONS), "option"))
         if options.pop("do_sample", True) is not True:
-            raise ConfigError("do_sample=False is beam search (beam_size 5) in ModelScope's GPT-3 pipeline, which gpt3zh "
-                              "does not implement; pass top_k=1 for greedy decoding")
+            raise ConfigError("do_sample=False is beam search (beam_size 5) in ModelScope's GPT-3 pipeline, "
+                              "which gpt3zh does not implement; pass top_k=1 for greedy decoding")
         for name in ("stop_on_eol", "stop_on_double_eol"):
             if options.pop(name, False):
                 raise ConfigError(f"{name}=True stops at GPT-2's newline ids (198 / 628) in ModelScope, which mean "
@@ -154,7 +155,8 @@ class TextGenerationPipeline(_Gpt3zhPipeline):
     def _inputs(self, input, args: tuple, batch_size: int | None) -> tuple[list[str], bool]:
         if args:
             raise TypeError(f"pipeline call: unexpected positional arguments {args!r}; options are keywords")
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                       or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         single = not isinstance(input, (list, tuple))
         texts = [_prompt_text(input)] if single else [_prompt_text(x, i) for i, x in enumerate(input)]
@@ -182,8 +184,8 @@ class TextGenerationPipeline(_Gpt3zhPipeline):
 
     def _final_texts(self, requests: list[Request]) -> list[str]:
         ids: dict[int, list[int]] = {i: [] for i in range(len(requests))}
-        for ids in self._runs(requests):
-            pass
+        for step in self._runs(requests):  # run to the end: the last step holds every request's ids
+            ids = step
         return [self._text(r, ids[i]) for i, r in enumerate(requests)]
 
     def _stream_one(self, request: Request) -> Iterator[dict[str, str]]:
