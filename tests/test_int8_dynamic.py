@@ -204,3 +204,24 @@ def test_int8_dynamic_perplexity_on_poetry_small_within_one_percent():
             nll[name] = total / n
     change = math.exp(nll["int8"] - nll["fp32"]) - 1
     assert abs(change) <= 0.01, f"int8 perplexity change {change:+.3%}"
+
+
+def test_cli_generate_quantize_int8_says_which_path(tmp_path, capsys):
+    from gpt3zh.checkpoint import save_model
+    from gpt3zh.cli import main
+    from gpt3zh.tokenizer import train_char_tokenizer
+
+    tok = train_char_tokenizer(["abcdefgh"])
+    torch.manual_seed(4)
+    tiny = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=16, max_seq_len=32, dropout=0.0,
+                         attn_dropout=0.0))
+    save_model(tiny, tmp_path / "m", tokenizer=tok)
+    args = ["generate", "--model", str(tmp_path / "m"), "--verbose", "--no-do-sample", "--max-new-tokens", "4"]
+    assert main([*args, "--quantize", "int8", "abc"]) == 0
+    out, err = capsys.readouterr()
+    assert "int8 weights and activations (fbgemm)" in err and out.startswith("abc")
+    assert main([*args, "--quantize", "int8-weight", "abc"]) == 0
+    err = capsys.readouterr().err
+    assert "int8 weights" in err and "activations" not in err
+    with pytest.raises(SystemExit):
+        main([*args, "--quantize", "int4", "abc"])
