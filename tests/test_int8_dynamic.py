@@ -40,7 +40,10 @@ def two_threads():
 
 
 def dequantized(layer: Int8DynamicLinear) -> torch.Tensor:
-    return layer.weight.dequantize().double()  # (N, K) = q * scale, exactly
+    packed = torch.ops.quantized.linear_unpack(layer.packed)[0].dequantize().double()  # what fbgemm runs
+    w = layer.weight.double() * layer.scale.double()[:, None]  # (N, K) = q * scale, exactly
+    torch.testing.assert_close(packed, w, rtol=1e-7, atol=0)  # equal up to dequantize()'s float32 product
+    return w
 
 
 # ------------------------------------------------------------------------------------ the layer

@@ -127,19 +127,19 @@ class Int8DynamicLinear(nn.Module):
             raise ValueError(f"dynamic int8 runs on CPU (fbgemm); the weight is on {weight.device}")
         q, scale = quantize_per_channel(weight)
         self.out_features, self.in_features = q.shape
+        # weight / scale / bias as QuantLinear holds them (state_dict, inspection, reference checks);
+        # `packed` is fbgemm's layout of the same int8 numbers, which is what runs. Reading it back
+        # (linear_unpack) costs milliseconds, so the model code's `.weight.shape` reads the buffer.
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         zero = torch.zeros_like(scale, dtype=torch.long)
         with warnings.catch_warnings():  # torch's quantized-tensor deprecation notice: only the packing uses one
             warnings.simplefilter("ignore")
             qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-            self.packed = torch.ops.quantized.linear_prepack(qw, None)  # fbgemm's layout; holds the int8 weights
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
         self.reduce_range = not _has_vnni()
         self._range_row = _range_row(self.in_features)  # fp32 whatever the model's dtype: not a buffer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The int8 weights (N, K) as a per-channel quantized tensor (fbgemm keeps them; no copy)."""
-        return torch.ops.quantized.linear_unpack(self.packed)[0]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8DynamicLinear:
