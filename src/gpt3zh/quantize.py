@@ -137,9 +137,12 @@ class Int8DynamicLinear(nn.Module):
         with warnings.catch_warnings():  # torch's quantized-tensor deprecation notice: only the packing uses one
             warnings.simplefilter("ignore")
             qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-            self.packed = torch.ops.quantized.linear_prepack(qw, None)
+            # the bias goes in too: fbgemm adds it in its output stage, so a one-row call is one op
+            self.packed = torch.ops.quantized.linear_prepack(qw, self.bias)
         self.reduce_range = not _has_vnni()
-        self._range_row = _range_row(self.in_features)  # fp32 whatever the model's dtype: not a buffer
+        # fp32 whatever the model's dtype (not buffers): the appended row, and the bias fbgemm packed
+        self._range_row = _range_row(self.in_features)
+        self._bias = self.bias
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8DynamicLinear:
@@ -155,19 +158,22 @@ class Int8DynamicLinear(nn.Module):
 
     def one_row(self, x: torch.Tensor) -> torch.Tensor:
         """(1, K) fp32 -> (1, N): the decode step's call (fast.LeanStep calls it directly)."""
-        y = torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)
-        return y if self.bias is None else y.add_(self.bias)
+        return _LINEAR_DYNAMIC(x, self.packed, self.reduce_range)
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """(M, K) fp32 -> (M, N), each row on its own symmetric int8 grid (see the class docstring)."""
         s = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)  # (M, 1)
-        y = torch.ops.quantized.linear_dynamic(torch.cat([x / s, self._range_row]), self.packed, self.reduce_range)
-        y = y[:-1].mul_(s)  # (M, N)
-        return y if self.bias is None else y.add_(self.bias)
+        y = _LINEAR_DYNAMIC(torch.cat([x / s, self._range_row]), self.packed, self.reduce_range)[:-1]  # (M, N)
+        if self._bias is None:
+            return y.mul_(s)
+        return y.sub_(self._bias).mul_(s).add_(self._bias)  # (W x / s + b - b) * s + b
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weights per channel, "
                 f"int8 activations per row")
+
+
+_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default  # the overload itself: less dispatch per call
 
 
 @functools.cache
