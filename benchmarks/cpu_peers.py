@@ -17,8 +17,9 @@ not counted: a few percent at these lengths). Token agreement: fp32 engines agai
 (random weights have near-tied logits, so a single float rounding can flip a token: the prefix
 length that agrees is shown), int8 engines against their own fp32.
 
-Needs the `bench` extra (ctranslate2). Memory: the fp32 model once (gpt3zh and transformers share
-its tensors), CTranslate2 fp32 once, and the int8 copies (1.3B shape: about 14 GB in all).
+Needs the `bench` extra (ctranslate2). Memory: the fp32 model once (gpt3zh fp32 is a view of it),
+transformers' Conv1D copy of the block weights, CTranslate2 fp32 once, and the int8 weights (1.3B
+shape: about 15 GB without transformers, `--no-transformers`; with it about 20 GB).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import gc
 import platform
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from _timing import interleaved
@@ -52,13 +54,23 @@ class _IdVocab:
         return {f"<{i}>": i for i in range(self.size)}
 
 
-def ct2_convert(hf, out_dir: str) -> str:
-    """`hf` (GPT2LMHeadModel) converted to a CTranslate2 model directory (float32 weights)."""
+def ct2_convert(model: GPT, out_dir: str, quantization: str) -> str:
+    """`model` converted to a CTranslate2 model directory, as `ct2-transformers-converter
+    --quantization ...` does: its GPT2LMHeadModel loader on gpt3zh's HF layout, then validate /
+    optimize / save. The HF model is built here and dropped after: CTranslate2's int8 `optimize`
+    quantizes the tensors it was given in place, so it gets a copy of the (otherwise shared) embedding."""
     from ctranslate2.converters.transformers import GPT2Loader
 
+    hf = hf_from_model(model)
+    own = torch.nn.Parameter(hf.transformer.wte.weight.detach().clone(), requires_grad=False)
+    hf.transformer.wte.weight = hf.lm_head.weight = own  # tied, as before
     spec = GPT2Loader()(hf, _IdVocab(hf.config.vocab_size))
+    # The GPT-2 loader leaves CTranslate2's default epsilon (1e-5); the base preset's is 1e-12 (the
+    # 1.3B's 1e-5): set the model's own, so both engines compute the same function.
+    spec.config.layer_norm_epsilon = hf.config.layer_norm_epsilon
     spec.validate()
-    spec.optimize(quantization="float32")
+    spec.optimize(quantization=quantization)
+    Path(out_dir).mkdir(parents=True)
     spec.save(out_dir)
     return out_dir
 
@@ -76,24 +88,29 @@ def weight_bytes(cfg: GPTConfig, per_weight: float) -> float:
     return per_weight * (cfg.n_layer * (4 * d * d + 2 * d * f) + cfg.vocab_size * d)
 
 
-def engines(model: GPT, tmp: str, threads: int, bf16: bool) -> dict:
-    """{name: (greedy fn(prompts, new), bytes per weight, reference name)}; CTranslate2 first, while
-    nothing else holds a copy."""
+def engines(model: GPT, tmp: str, threads: int, bf16: bool, with_hf: bool) -> dict:
+    """{name: (greedy fn(prompts, new), bytes per weight, reference name)}. CTranslate2 is converted
+    first, while nothing else holds a copy, and loads each precision from its own directory (int8
+    converted with quantization="int8", so loading it never holds the float32 weights)."""
     import ctranslate2
 
-    hf = hf_from_model(model)  # shares the model's tensors
-    path = ct2_convert(hf, tmp)
-    gc.collect()
+    paths = {}
+    for ct in ("float32", "int8"):
+        paths[ct] = ct2_convert(model, f"{tmp}/{ct}", ct)
+        gc.collect()
+    # transformers' block weights transposed to Conv1D's layout are a copy; the rest is shared
+    hf = hf_from_model(model) if with_hf else None
     ct2 = {ct: ctranslate2.Generator(path, device="cpu", compute_type=ct, intra_threads=threads)
-           for ct in ("float32", "int8")}
+           for ct, path in paths.items()}
     fp32, int8 = prepare(model), prepare(model, quantize="int8")
     out = {
         "gpt3zh fp32": (lambda p, n: gpt3zh_greedy(fp32, p, n), 4, "gpt3zh fp32"),
         "gpt3zh int8": (lambda p, n: gpt3zh_greedy(int8, p, n), 1, "gpt3zh fp32"),
         "CTranslate2 fp32": (lambda p, n: ct2_greedy(ct2["float32"], p, n), 4, "gpt3zh fp32"),
         "CTranslate2 int8": (lambda p, n: ct2_greedy(ct2["int8"], p, n), 1, "CTranslate2 fp32"),
-        "transformers fp32": (lambda p, n: hf_greedy(hf, p, n), 4, "gpt3zh fp32"),
     }
+    if with_hf:
+        out["transformers fp32"] = (lambda p, n: hf_greedy(hf, p, n), 4, "gpt3zh fp32")
     if bf16:
         half = prepare(model, dtype="bfloat16")  # held here: prepare() caches one variant per model
         out["gpt3zh bf16"] = (lambda p, n: gpt3zh_greedy(half, p, n), 2, "gpt3zh fp32")
@@ -117,6 +134,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     ap.add_argument("--bf16", action="store_true", help="also gpt3zh with dtype=bfloat16 (a cast copy)")
+    ap.add_argument("--no-transformers", action="store_true",
+                    help="leave transformers out (its Conv1D layout is a second float copy: for the 1.3B shape)")
     args = ap.parse_args()
 
     import ctranslate2
@@ -133,7 +152,7 @@ def main() -> None:
           f"new tokens, median of {args.runs} interleaved runs after a warm-up")
     buf = torch.ones(READ_BYTES // 4)
     with tempfile.TemporaryDirectory() as tmp:
-        impls = engines(model, tmp, args.threads, args.bf16)
+        impls = engines(model, tmp, args.threads, args.bf16, not args.no_transformers)
         for batch in args.batch:
             prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len))
             timed = {name: (lambda fn: lambda warmup=False: fn(prompts, 4 if warmup else args.new_tokens))(fn)

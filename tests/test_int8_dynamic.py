@@ -116,6 +116,8 @@ def test_quantize_int8_dynamic_swaps_every_linear_and_the_head(model):
 
 def test_forks_share_the_packed_weights(model):
     q = prepare(model, quantize="int8-dynamic")
+    # no float copy of the model is made: the int8 view shares the embeddings and norms
+    assert q.module.tok_emb.weight is model.tok_emb.weight and q.module.ln_f.weight is model.ln_f.weight
     fork = q.fork()
     assert fork.module is not q.module and fork.module.head.packed is q.module.head.packed
 

@@ -7,9 +7,11 @@ eval() on it), the one-token step function the engine calls, and a description o
 one per model, and rebuilt when its weights are replaced (or, for a cast / int8 copy, updated).
 
 The transforms, in order:
-1. dtype / int8: a transformed copy (`copy.deepcopy(model).to(dtype)`, then `quantize_int8_dynamic`
-   or `quantize_int8`). Without them the module is a view: new module objects around the model's
-   own parameter tensors, so nothing is copied and in-place weight updates show. quantize="int8"
+1. The module is a view: new module objects around the model's own parameter tensors, so nothing
+   is copied and in-place weight updates show. dtype makes it a cast copy
+   (`copy.deepcopy(view).to(dtype)`); int8 swaps the view's linear layers for int8 ones
+   (`quantize_int8_dynamic` / `quantize_int8`), so only the int8 weights are new (the embeddings and
+   norms stay shared; no float copy of the model is made on the way). quantize="int8"
    is the best int8 for the path: dynamic int8 (int8 weights and per-row int8 activations, fbgemm)
    for eager float32 on CPU, weight-only int8 elsewhere (compiled steps, accelerators, bf16/fp16);
    "int8-dynamic" / "int8-weight" ask for one.
@@ -181,8 +183,10 @@ def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) ->
     if copies:
         dtype = as_dtype(options.dtype) or model.tok_emb.weight.dtype
         chosen = int8_scheme(options, model.tok_emb.weight.device, dtype)  # before copying: errors cost nothing
-        module = copy.deepcopy(_view(model)).to(dtype)
-        if chosen is not None and not is_quantized(module):
+        module = _view(model)
+        if dtype != model.tok_emb.weight.dtype:  # a cast copy: to() on the view would cast the model's own tensors
+            module = copy.deepcopy(module).to(dtype)
+        if chosen is not None and not is_quantized(module):  # swaps the view's layers, never the model's
             QUANTIZERS[chosen](module)
     else:
         module = _view(model)
