@@ -139,13 +139,13 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         xs = {n: torch.randn(rows, n, generator=g) for n in {w.shape[1] for w, _ in ws}}
         xs.update({("bf16", n): x.bfloat16() for n, x in list(xs.items())})
-        times = time_all({**{k: lambda fn=fn: fn(xs) for k, (fn, _) in kernels.items()},
+        times = time_all({**{k: lambda fn=fn, xs=xs: fn(xs) for k, (fn, _) in kernels.items()},
                           "memory read": lambda: buf.sum()}, args.runs)
         bandwidth = READ_BYTES / times.pop("memory read")
         print(f"\n## rows {rows}: memory read {bandwidth / 1e9:.1f} GB/s (sum over 512 MiB, same loop)")
         print("| kernel | ms per pass | weight GB/s | share of read bandwidth | vs fp32 chunked |")
         print("| --- | ---: | ---: | ---: | ---: |")
-        ref = times["fp32 chunked (gpt3zh)"] if "fp32 chunked (gpt3zh)" in times else None
+        ref = times.get("fp32 chunked (gpt3zh)")
         for name, secs in times.items():
             gbs = params * kernels[name][1] / secs
             rel = f"{ref / secs:.2f}x" if ref else "-"

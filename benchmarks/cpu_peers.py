@@ -155,19 +155,23 @@ def main() -> None:
         impls = engines(model, tmp, args.threads, args.bf16, not args.no_transformers)
         for batch in args.batch:
             prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len))
-            timed = {name: (lambda fn: lambda warmup=False: fn(prompts, 4 if warmup else args.new_tokens))(fn)
-                     for name, (fn, _, _) in impls.items()}
+            timed = {name: bind(fn, prompts, args.new_tokens) for name, (fn, _, _) in impls.items()}
             timed["memory read"] = mem_read(buf)
             results = interleaved(timed, args.runs)
             report(results, impls, cfg, batch, args.new_tokens)
+
+
+def bind(fn, prompts: torch.Tensor, new: int):
+    """fn(prompts, new) as `interleaved` calls it (4 tokens for the warm-up)."""
+    return lambda warmup=False: fn(prompts, 4 if warmup else new)
 
 
 def report(results: dict, impls: dict, cfg: GPTConfig, batch: int, new: int) -> None:
     read_s = results.pop("memory read")[0]
     bandwidth = 4 * READ_BYTES / read_s
     print(f"# batch {batch}: memory read {bandwidth / 1e9:.1f} GB/s (sum over {READ_BYTES >> 20} MiB, same loop)")
-    print(f"| impl | batch | median s | tok/s | vs CTranslate2 (same precision) | weight GB/s | share of read bandwidth "
-          f"| tokens equal |")
+    print("| impl | batch | median s | tok/s | vs CTranslate2 (same precision) | weight GB/s | share of read bandwidth "
+          "| tokens equal |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, (secs, out, _) in results.items():
         _, per_weight, ref = impls[name]
