@@ -290,7 +290,7 @@ def _check_option_names(options: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------ inference
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("int8",)
+QUANTIZE = ("int8", "int8-dynamic", "int8-weight")
 
 
 @dataclass(frozen=True)
@@ -300,7 +300,8 @@ class InferenceOptions:
     dtype: str | None = field(default=None, metadata={
         "help": "float32 | bfloat16 | float16: run in this dtype (a cast copy; none = the model's own)"})
     quantize: str | None = field(default=None, metadata={
-        "help": "int8: weight-only int8 linear layers and head (a quantized copy)"})
+        "help": "int8: int8 linear layers and head (a quantized copy): int8 weights and per-row int8 "
+                "activations on CPU, weight-only int8 elsewhere; int8-dynamic / int8-weight: that scheme"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the one-token decode step"})
     cpu_kernels: bool | None = field(default=None, metadata={
         "help": "chunked-GEMV layers + flat decode step on CPU (default: on with more than one thread)"})

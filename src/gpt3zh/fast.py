@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import GPT, TiedHead
+from .quantize import Int8DynamicLinear
 
 # ChunkedLinear takes F.linear above this many input rows: there the GEMM is compute-bound and MKL
 # already uses every core (crossover on 2 cores between 512 and 1024 rows: benchmarks/linear_layout.py).
@@ -111,7 +112,8 @@ class LeanStep:
         if mask is not None:
             slots = mask.shape[-1]
         D, shape, eps = self.head_dim, self.shape, self.eps
-        x = (F.embedding(idx, model.tok_emb.weight) + F.embedding(positions, model.pos_emb.weight)).view(B, -1)  # (B, H)
+        x = F.embedding(idx, model.tok_emb.weight) + F.embedding(positions, model.pos_emb.weight)
+        x = x.view(B, -1)  # (B, H)
         for ln1_w, ln1_b, qkv, attn, proj, ln2_w, ln2_b, fc, approximate, fc2 in self.layers:
             h = _gemv(F.layer_norm(x, shape, ln1_w, ln1_b, eps), *qkv).view(B, 1, -1, 3, D)  # (B, 1, N, 3, D)
             q, k, v = h.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, N, 1, D)
@@ -125,7 +127,10 @@ class LeanStep:
 
 def _layer_args(layer: nn.Module) -> tuple:
     """(weight, bias, chunks) for _gemv: a ChunkedLinear's block views (chunks > 0), an nn.Linear's
-    or the tied head's own tensors (0), or any other layer as a module to call (-1)."""
+    or the tied head's own tensors (0), a dynamic int8 layer (-2), or any other layer as a module
+    to call (-1)."""
+    if type(layer) is Int8DynamicLinear:
+        return layer, None, -2
     if type(layer) is ChunkedLinear:
         return layer._w, layer._b, layer.chunks
     if type(layer) is nn.Linear:
@@ -136,8 +141,11 @@ def _layer_args(layer: nn.Module) -> tuple:
 
 
 def _gemv(x: torch.Tensor, w, b: torch.Tensor | None, chunks: int) -> torch.Tensor:
-    """(B, in) -> (B, out): the chunked GEMV (chunks > 0), F.linear (0), or the module `w` (-1)."""
+    """(B, in) -> (B, out): the chunked GEMV (chunks > 0), F.linear (0), dynamic int8 (-2; its
+    one-row call without the module's reshapes), or the module `w` (-1)."""
     if chunks <= 0:
+        if chunks == -2:
+            return w.one_row(x) if x.shape[0] == 1 else w.rows(x)
         return F.linear(x, w, b) if chunks == 0 else w(x)
     B = x.shape[0]
     x3 = x.view(1, B, -1).expand(chunks, B, -1)

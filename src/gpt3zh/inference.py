@@ -7,9 +7,14 @@ eval() on it), the one-token step function the engine calls, and a description o
 one per model, and rebuilt when its weights are replaced (or, for a cast / int8 copy, updated).
 
 The transforms, in order:
-1. dtype / int8: a transformed copy (`copy.deepcopy(model).to(dtype)`, `quantize_int8`). Without
-   them the module is a view: new module objects around the model's own parameter tensors, so
-   nothing is copied and in-place weight updates show.
+1. The module is a view: new module objects around the model's own parameter tensors, so nothing
+   is copied and in-place weight updates show. dtype makes it a cast copy
+   (`copy.deepcopy(view).to(dtype)`); int8 swaps the view's linear layers for int8 ones
+   (`quantize_int8_dynamic` / `quantize_int8`), so only the int8 weights are new (the embeddings and
+   norms stay shared; no float copy of the model is made on the way). quantize="int8"
+   is the best int8 for the path: dynamic int8 (int8 weights and per-row int8 activations, fbgemm)
+   for eager float32 on CPU, weight-only int8 elsewhere (compiled steps, accelerators, bf16/fp16);
+   "int8-dynamic" / "int8-weight" ask for one.
 2. CPU kernels (default on when decoding on a CPU with more than one thread): `fast.chunk_layers`
    (the chunked-GEMV layers) and `fast.LeanStep` as the decode step.
 3. compile: torch.compile of the modules' one-token step, with static shapes (the engine then
@@ -30,7 +35,7 @@ import torch
 from . import fast
 from .config import InferenceOptions
 from .model import GPT
-from .quantize import is_quantized, quantize_int8
+from .quantize import Int8DynamicLinear, is_quantized, quantize_int8, quantize_int8_dynamic, scheme
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -164,19 +169,39 @@ def prepare(model: GPT | InferenceModel, options: InferenceOptions | None = None
 def _needs_copy(model: GPT, options: InferenceOptions) -> bool:
     target = as_dtype(options.dtype)
     return (target is not None and target != model.tok_emb.weight.dtype) or (
-        options.quantize == "int8" and not is_quantized(model))
+        options.quantize is not None and not is_quantized(model))
+
+
+def int8_scheme(options: InferenceOptions, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The int8 scheme `options` ask for on this device and dtype (None: no quantization)."""
+    eager_cpu_fp32 = device.type == "cpu" and not options.compile and dtype == torch.float32
+    if options.quantize == "int8":
+        return "int8-dynamic" if eager_cpu_fp32 else "int8-weight"
+    if options.quantize == "int8-dynamic" and not eager_cpu_fp32:
+        raise ValueError(f"quantize='int8-dynamic' runs eager float32 on CPU (fbgemm); this model is {device.type} "
+                         f"{str(dtype).removeprefix('torch.')}{' with compile=True' if options.compile else ''}: "
+                         f"use quantize='int8' (weight-only int8 there)")
+    return options.quantize
+
+
+QUANTIZERS = {"int8-dynamic": quantize_int8_dynamic, "int8-weight": quantize_int8}
+SCHEME_PARTS = {"int8-dynamic": "int8 weights and activations (fbgemm)", "int8-weight": "int8 weights"}
 
 
 def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) -> InferenceModel:
     parts: list[str] = []
     if copies:
-        module = copy.deepcopy(_view(model)).to(as_dtype(options.dtype) or model.tok_emb.weight.dtype)
-        if options.quantize == "int8" and not is_quantized(module):
-            quantize_int8(module)
+        dtype = as_dtype(options.dtype) or model.tok_emb.weight.dtype
+        chosen = int8_scheme(options, model.tok_emb.weight.device, dtype)  # before copying: errors cost nothing
+        module = _view(model)
+        if dtype != model.tok_emb.weight.dtype:  # a cast copy: to() on the view would cast the model's own tensors
+            module = copy.deepcopy(module).to(dtype)
+        if chosen is not None and not is_quantized(module):  # swaps the view's layers, never the model's
+            QUANTIZERS[chosen](module)
     else:
         module = _view(model)
     if is_quantized(module):
-        parts.append("int8 weights")
+        parts.append(SCHEME_PARTS[scheme(module)])
     w = module.tok_emb.weight
     plain = type(w.data) is torch.Tensor  # a DTensor (training-parallel) model is run as it is
     cpu = w.device.type == "cpu" and threads > 1 and plain and not options.compile
@@ -187,13 +212,16 @@ def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) ->
         if fast.chunk_layers(module, threads):
             parts.append(f"chunked GEMV over {threads} threads")
         step = "lean"
-    parts.append({"lean": "flat decode step", "compiled": "compiled decode step", "modules": "module decode step"}[step])
+    names = {"lean": "flat decode step", "compiled": "compiled decode step", "modules": "module decode step"}
+    parts.append(names[step])
     return InferenceModel(module, options, tuple(parts), step)
 
 
 def _view(model: GPT) -> GPT:
     """New module objects around the same parameter and buffer tensors, in eval mode, no KV cache."""
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    # fbgemm's packed int8 weights are shared too (deepcopy would unpack and repack them)
+    memo.update({id(m.packed): m.packed for m in model.modules() if isinstance(m, Int8DynamicLinear)})
     memo.update({id(b.attn.kv_cache): None for b in model.blocks if b.attn.kv_cache is not None})
     view = copy.deepcopy(model, memo)
     view.cache_len = 0
