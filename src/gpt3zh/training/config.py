@@ -10,6 +10,7 @@ and the value; an unknown key gets the closest valid one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -256,12 +257,49 @@ class ModelSection(_Section):
 
     @classmethod
     def _from_yaml(cls, value: Any) -> Any:
-        return _model_mapping(value)
+        """`model: DIR` is {path: DIR}; GPTConfig fields beside a preset are shorthand for its overrides."""
+        if value is None or isinstance(value, str):
+            return {"path": value}
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"model: expected a model directory, a ModelScope id or {{preset: NAME, ...}}, got {value!r}"
+            )
+        if not isinstance(value.get("overrides") or {}, dict):
+            return value  # the schema says what overrides must be
+        path, preset, overrides = value.get("path"), value.get("preset"), _model_overrides(value)
+        if path is not None and preset is not None:
+            raise ConfigError("model: give either path (fine-tune) or preset (from scratch), not both")
+        if path is not None and overrides:
+            raise ConfigError(
+                f"model: architecture overrides {sorted(overrides)} only apply to a preset; "
+                f"a model directory keeps its own config"
+            )
+        if isinstance(preset, str):
+            GPTConfig.from_preset(preset, **overrides)  # an unknown preset, a bad value: ConfigError naming it
+        return {"path": path, "preset": preset, "overrides": overrides}
 
     def gpt_config(self) -> GPTConfig:
         if self.preset is None:
             raise ConfigError("model: gpt_config() is only defined for a preset")
         return GPTConfig.from_preset(self.preset, **self.overrides)
+
+
+def _model_overrides(model: dict[str, Any]) -> dict[str, Any]:
+    """model.overrides with the shorthand fields (`{preset: base, n_layer: 2}`) folded in."""
+    overrides = model.get("overrides") or {}
+    shorthand = {k: v for k, v in model.items() if k not in ("path", "preset", "overrides")}
+    gpt_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = [f"model.{k}" for k in shorthand if k not in gpt_fields]
+    unknown += [f"model.overrides.{k}" for k in overrides if k not in gpt_fields]
+    if unknown:
+        raise _unknown_key(unknown[0])
+    both = sorted(k for k in shorthand if k in overrides and shorthand[k] != overrides[k])
+    if both:
+        raise ConfigError(
+            f"model: {both[0]} is given twice with different values (model.{both[0]}={shorthand[both[0]]!r}, "
+            f"model.overrides.{both[0]}={overrides[both[0]]!r}); give one of them"
+        )
+    return {**overrides, **shorthand}
 
 
 @dataclass
@@ -290,14 +328,17 @@ def load_config(source: str | Path | dict | TrainConfig | None = None, overrides
     if isinstance(source, TrainConfig):
         data = source.to_dict()
     elif isinstance(source, dict):
-        data = _deep_copy(source)
+        data = copy.deepcopy(source)
     elif source is None:
         data = {}
     else:
         data = read_config_file(Path(source))
     for key, value in _override_items(overrides):
         _set_dotted(data, key, value)
-    cfg = _validated(data)
+    try:
+        cfg = _schema().validate_python(data)
+    except ValidationError as err:
+        raise _config_error(err.errors()[0]) from None
     _resolve_warmup_alias(cfg.train.lr_scheduler)
     validate(cfg)
     return cfg
@@ -355,7 +396,7 @@ def _override_items(overrides: Any):
 def _flatten(d: dict, prefix: str):
     for key, value in d.items():
         full = f"{prefix}.{key}"
-        if isinstance(value, dict) and _field_type_at(full) is not None and _is_dataclass_path(full):
+        if isinstance(value, dict) and dataclasses.is_dataclass(_field_type_at(full)):
             yield from _flatten(value, full)
         else:
             yield full, value
@@ -408,13 +449,6 @@ def config_schema() -> dict[str, Any]:
     return _schema().json_schema()
 
 
-def _validated(data: dict[str, Any]) -> TrainConfig:
-    try:
-        return _schema().validate_python(data)
-    except ValidationError as err:
-        raise _config_error(err.errors()[0]) from None
-
-
 def _config_error(err: Any) -> ConfigError:
     """pydantic's first complaint, worded as the rest of gpt3zh: the dotted key, what it expects, the value."""
     loc, kind = err["loc"], err["type"]
@@ -431,7 +465,8 @@ def _config_error(err: Any) -> ConfigError:
 
 
 def _locate(loc: tuple) -> tuple[str, Any]:
-    """pydantic's error location -> (the key as a user writes it, its type); a union arm's tag ends it."""
+    """A location (pydantic's, or a dotted key's parts) -> (the key as a user writes it, its type), as
+    far as the schema knows it; a union arm's tag (pydantic's `bool` in `resume.bool`) ends it."""
     key, tp = "", TrainConfig
     for item in loc:
         origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -461,40 +496,6 @@ def _expected(tp: Any) -> str:
     return "null" if tp is type(None) else tp.__name__
 
 
-def _model_mapping(value: Any) -> Any:
-    """`model: DIR` is {path: DIR}; GPTConfig fields beside a preset are shorthand for its overrides."""
-    if value is None or isinstance(value, str):
-        return {"path": value}
-    if not isinstance(value, dict):
-        raise ConfigError(f"model: expected a model directory, a ModelScope id or {{preset: NAME, ...}}, got {value!r}")
-    path, preset, overrides = value.get("path"), value.get("preset"), value.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        return value  # the schema says what overrides must be
-    shorthand = {k: v for k, v in value.items() if k not in ("path", "preset", "overrides")}
-    gpt_fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = [f"model.{k}" for k in shorthand if k not in gpt_fields]
-    unknown += [f"model.overrides.{k}" for k in overrides if k not in gpt_fields]
-    if unknown:
-        raise _unknown_key(unknown[0])
-    both = sorted(k for k in shorthand if k in overrides and shorthand[k] != overrides[k])
-    if both:
-        raise ConfigError(
-            f"model: {both[0]} is given twice with different values (model.{both[0]}={shorthand[both[0]]!r}, "
-            f"model.overrides.{both[0]}={overrides[both[0]]!r}); give one of them"
-        )
-    overrides = {**overrides, **shorthand}
-    if path is not None and preset is not None:
-        raise ConfigError("model: give either path (fine-tune) or preset (from scratch), not both")
-    if path is not None and overrides:
-        raise ConfigError(
-            f"model: architecture overrides {sorted(overrides)} only apply to a preset; "
-            f"a model directory keeps its own config"
-        )
-    if isinstance(preset, str):
-        GPTConfig.from_preset(preset, **overrides)  # an unknown preset, a bad value: ConfigError naming it
-    return {"path": path, "preset": preset, "overrides": overrides}
-
-
 # --------------------------------------------------------------------------------- key discovery
 _SECTION_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
 
@@ -517,19 +518,8 @@ def valid_keys() -> list[str]:
 
 
 def _field_type_at(key: str) -> Any:
-    cls: Any = TrainConfig
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(cls):
-            return None
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            return None
-        cls = hints[part]
-    return cls
-
-
-def _is_dataclass_path(key: str) -> bool:
-    return dataclasses.is_dataclass(_field_type_at(key))
+    found, tp = _locate(tuple(key.split(".")))
+    return tp if found == key else None  # None: not a key of the schema
 
 
 def _unknown_key(key: str) -> ConfigError:
@@ -543,14 +533,6 @@ def _unknown_key(key: str) -> ConfigError:
     siblings = [k for k in keys if k.count(".") == depth and (not prefix or k.startswith(prefix + "."))]
     names = [f"{k}.{rest}" if rest and f"{k}.{rest}" in valid else k for k in siblings]
     return ConfigError(unknown_key_message(key, names, "config key"))
-
-
-def _deep_copy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
-    return d
 
 
 # ----------------------------------------------------------------------------------- value checks
