@@ -65,6 +65,7 @@ class _Section:
     """Base of the config dataclasses: pydantic builds them from mappings, each field strictly."""
 
     __pydantic_config__ = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    _other_shapes = (core_schema.none_schema(),)  # what _from_yaml takes besides the mapping (JSON schema)
 
     @classmethod
     def _from_yaml(cls, value: Any) -> Any:
@@ -76,7 +77,8 @@ class _Section:
         # strict would take only instances of the dataclass; a section comes as a mapping, and
         # its fields keep the strict config
         schema["strict"] = False
-        return core_schema.no_info_before_validator_function(cls._from_yaml, schema)
+        shapes = core_schema.union_schema([schema, *cls._other_shapes])
+        return core_schema.no_info_before_validator_function(cls._from_yaml, schema, json_schema_input_schema=shapes)
 
 
 @dataclass
@@ -254,6 +256,7 @@ class ModelSection(_Section):
     path: str | None = None
     preset: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields for a preset
+    _other_shapes = (core_schema.str_schema(), core_schema.none_schema())  # `model: DIR`
 
     @classmethod
     def _from_yaml(cls, value: Any) -> Any:
@@ -445,7 +448,9 @@ def _schema() -> TypeAdapter:
 
 
 def config_schema() -> dict[str, Any]:
-    """The JSON schema of a training config (for editors and docs): the schema load_config checks."""
+    """The JSON schema of a training config (for editors and docs): the schema load_config checks.
+    It spells each setting one way; a file may also put GPTConfig fields beside model.preset (they
+    are model.overrides), give one item for a list (`metrics: ppl`) and a number as a string."""
     return _schema().json_schema()
 
 
