@@ -3,22 +3,26 @@
 Field names follow ModelScope's GPT-3 fine-tuning configs (`train.dataloader.batch_size_per_gpu`,
 `train.optimizer.options.grad_clip.max_norm`, `evaluation.metrics`, `preprocessor.sequence_length`,
 `megatron.*`), so a ModelScope example's settings carry over. Precedence: command line (dotted
-`key=value`) > config file > the defaults below. An unknown key is an error that names its full
-dotted path and suggests the closest valid one.
+`key=value`) > config file > the defaults below. The dataclasses are the schema: pydantic checks a
+config against them (`config_schema()` is its JSON schema), and an error names the full dotted key
+and the value; an unknown key gets the closest valid one.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, TypeVar, Union
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, TypeAdapter, ValidationError
+from pydantic_core import core_schema
 
 from ..config import ConfigError, GPTConfig, unknown_key_message
 from ..fileio import read_utf8
@@ -31,34 +35,80 @@ Metric = Literal["ppl", "rouge", "bleu"]
 EXPORT_FORMATS = ("gpt3zh", "modelscope", "megatron", "hf")
 
 
-@dataclass
-class GradClip:
-    max_norm: float | None = 1.0  # None disables clipping
+# ------------------------------------------------------------------------------------ the schema
+# Leaves are strict (a bool is not an int, "5" is not an int, 1 is not a bool, a number is not a
+# string); these types add the YAML spellings that mean the same value.
+def _yaml_float(value: Any) -> Any:
+    try:  # YAML 1.1 reads `1e-4` (no dot) as a string; one that is no number is refused as it is
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def _as_list(value: Any) -> Any:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return [value]  # `metrics: ppl` is a one-item list
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _as_pair(value: Any) -> Any:  # YAML has no tuples; a list of another length is refused as written
+    return tuple(value) if isinstance(value, list) and len(value) == 2 else value
+
+
+T = TypeVar("T")
+Float = Annotated[float, BeforeValidator(_yaml_float)]  # an int is a float; inf and nan are refused
+Items = Annotated[list[T], BeforeValidator(_as_list)]
+FloatPair = Annotated[tuple[Float, Float], BeforeValidator(_as_pair)]
+
+
+class _Section:
+    """Base of the config dataclasses: pydantic builds them from mappings, each field strictly."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    _other_shapes = (core_schema.none_schema(),)  # what _from_yaml takes besides the mapping (JSON schema)
+
+    @classmethod
+    def _from_yaml(cls, value: Any) -> Any:
+        return {} if value is None else value  # `train:` with nothing under it: the defaults
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: type, handler: Any) -> Any:
+        schema = handler(source)
+        # strict would take only instances of the dataclass; a section comes as a mapping, and
+        # its fields keep the strict config
+        schema["strict"] = False
+        shapes = core_schema.union_schema([schema, *cls._other_shapes])
+        return core_schema.no_info_before_validator_function(cls._from_yaml, schema, json_schema_input_schema=shapes)
 
 
 @dataclass
-class OptimizerOptions:
+class GradClip(_Section):
+    max_norm: Float | None = 1.0  # None disables clipping
+
+
+@dataclass
+class OptimizerOptions(_Section):
     grad_clip: GradClip = field(default_factory=GradClip)
 
 
 @dataclass
-class OptimizerConfig:
+class OptimizerConfig(_Section):
     type: Literal["AdamW"] = "AdamW"
-    lr: float = 1e-4
-    weight_decay: float = 0.01  # never applied to biases, norms or embeddings
-    betas: tuple[float, float] = (0.9, 0.999)  # torch / ModelScope AdamW defaults
-    eps: float = 1e-8
+    lr: Float = 1e-4
+    weight_decay: Float = 0.01  # never applied to biases, norms or embeddings
+    betas: FloatPair = (0.9, 0.999)  # torch / ModelScope AdamW defaults
+    eps: Float = 1e-8
     options: OptimizerOptions = field(default_factory=OptimizerOptions)
 
 
 @dataclass
-class SchedulerOptions:
+class SchedulerOptions(_Section):
     # ModelScope's examples set False; true (the factor changes once per epoch) only for LambdaLR
     by_epoch: bool = False
 
 
 @dataclass
-class LRSchedulerConfig:
+class LRSchedulerConfig(_Section):
     # noam: the model cards' lr * min((s+1)^-0.5, (s+1) * warmup^-1.5) (peak lr * warmup^-0.5);
     # cosine: linear warmup to lr, cosine decay to lr * min_lr_ratio at the last step.
     type: SchedulerType = "noam"
@@ -66,12 +116,12 @@ class LRSchedulerConfig:
     # The model cards' name (`num_warmup_steps` in finetune_poetry.py, `warmup` in the noam
     # formula); when given it sets warmup_steps, so `{type: noam, warmup: 200}` reads as the card.
     warmup: int | None = None
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: Float = 0.0
     options: SchedulerOptions = field(default_factory=SchedulerOptions)
 
 
 @dataclass
-class DataLoaderConfig:
+class DataLoaderConfig(_Section):
     batch_size_per_gpu: int = 8
     # Accepted for ModelScope configs. Batches are cut from the in-memory token cache in the
     # training process (collation is a copy), so worker processes would add nothing.
@@ -80,17 +130,17 @@ class DataLoaderConfig:
 
 
 @dataclass
-class LoraConfig:
+class LoraConfig(_Section):
     """train.lora: LoRA fine-tuning through peft (gpt3zh.training.lora). r = 0 (the default) is full
     fine-tuning; r > 0 freezes the base and trains rank-r adapters on the target layers, whose
     output is scaled by alpha / r. Checkpoints then hold the adapters only, and the export is an
     adapter directory in peft's format that names its base (docs/training.md)."""
 
     r: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0  # on the adapter's input (peft's lora_dropout)
+    alpha: Float = 16.0
+    dropout: Float = 0.0  # on the adapter's input (peft's lora_dropout)
     # layer names inside each block (gpt3zh's names); a name matches every block's layer of that name
-    target_modules: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"])
+    target_modules: Items[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"])
     # dtype of the frozen base weights; the adapters (and their AdamW moments) are always fp32
     base_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
 
@@ -123,7 +173,7 @@ def _validate_lora(cfg: Any) -> None:
 
 
 @dataclass
-class TrainSection:
+class TrainSection(_Section):
     work_dir: str = "work_dir"
     max_epochs: int = 1
     max_steps: int | None = None  # optimizer steps; when set it wins over max_epochs
@@ -147,7 +197,7 @@ class TrainSection:
     # resumes it or overwrite=true, which deletes that run's files first (the token cache is kept).
     overwrite: bool = False
     # work_dir/output (gpt3zh) and work_dir/output_<format> for each other checkpoint format
-    export_formats: list[str] = field(default_factory=lambda: ["gpt3zh"])
+    export_formats: Items[str] = field(default_factory=lambda: ["gpt3zh"])
     device: str = "auto"  # auto -> cuda when available, else cpu
     bucket_by_length: bool = True  # batch rows of similar length so little compute goes to padding
     # "auto": a tqdm bar on stderr only when stderr is a terminal (never \r-garbage in a log file)
@@ -156,15 +206,15 @@ class TrainSection:
 
 
 @dataclass
-class EvalDataLoaderConfig:
+class EvalDataLoaderConfig(_Section):
     batch_size_per_gpu: int = 8
     workers_per_gpu: int = 0
     shuffle: bool = False
 
 
 @dataclass
-class EvaluationSection:
-    metrics: list[Metric] = field(default_factory=lambda: ["ppl"])
+class EvaluationSection(_Section):
+    metrics: Items[Metric] = field(default_factory=lambda: ["ppl"])
     dataloader: EvalDataLoaderConfig = field(default_factory=EvalDataLoaderConfig)
     max_new_tokens: int = 64  # greedy generation length for rouge / bleu
     max_examples: int | None = None  # evaluate on the first N rows only
@@ -175,13 +225,13 @@ class EvaluationSection:
 
 
 @dataclass
-class PreprocessorSection:
+class PreprocessorSection(_Section):
     sequence_length: int = 128  # ModelScope's TextGenerationJiebaPreprocessor default
     type: str | None = None  # ModelScope's preprocessor name; accepted and ignored
 
 
 @dataclass
-class DatasetSection:
+class DatasetSection(_Section):
     train: str | None = None
     eval: str | None = None
     # {file column: our column}, e.g. {text1: src_txt, text2: tgt_txt} as ModelScope's examples.
@@ -189,7 +239,7 @@ class DatasetSection:
 
 
 @dataclass
-class MegatronSection:
+class MegatronSection(_Section):
     """Parallel layout (read by the distributed trainer; validated here)."""
 
     world_size: int = 1
@@ -198,7 +248,7 @@ class MegatronSection:
 
 
 @dataclass
-class ModelSection:
+class ModelSection(_Section):
     """Either a model directory to fine-tune (`path`) or a preset to train from scratch."""
 
     # a model directory or a ModelScope id (`damo/nlp_gpt3_text-generation_1.3B`), as the model
@@ -206,6 +256,30 @@ class ModelSection:
     path: str | None = None
     preset: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields for a preset
+    _other_shapes = (core_schema.str_schema(), core_schema.none_schema())  # `model: DIR`
+
+    @classmethod
+    def _from_yaml(cls, value: Any) -> Any:
+        """`model: DIR` is {path: DIR}; GPTConfig fields beside a preset are shorthand for its overrides."""
+        if value is None or isinstance(value, str):
+            return {"path": value}
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"model: expected a model directory, a ModelScope id or {{preset: NAME, ...}}, got {value!r}"
+            )
+        if not isinstance(value.get("overrides") or {}, dict):
+            return value  # the schema says what overrides must be
+        path, preset, overrides = value.get("path"), value.get("preset"), _model_overrides(value)
+        if path is not None and preset is not None:
+            raise ConfigError("model: give either path (fine-tune) or preset (from scratch), not both")
+        if path is not None and overrides:
+            raise ConfigError(
+                f"model: architecture overrides {sorted(overrides)} only apply to a preset; "
+                f"a model directory keeps its own config"
+            )
+        if isinstance(preset, str):
+            GPTConfig.from_preset(preset, **overrides)  # an unknown preset, a bad value: ConfigError naming it
+        return {"path": path, "preset": preset, "overrides": overrides}
 
     def gpt_config(self) -> GPTConfig:
         if self.preset is None:
@@ -213,8 +287,26 @@ class ModelSection:
         return GPTConfig.from_preset(self.preset, **self.overrides)
 
 
+def _model_overrides(model: dict[str, Any]) -> dict[str, Any]:
+    """model.overrides with the shorthand fields (`{preset: base, n_layer: 2}`) folded in."""
+    overrides = model.get("overrides") or {}
+    shorthand = {k: v for k, v in model.items() if k not in ("path", "preset", "overrides")}
+    gpt_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = [f"model.{k}" for k in shorthand if k not in gpt_fields]
+    unknown += [f"model.overrides.{k}" for k in overrides if k not in gpt_fields]
+    if unknown:
+        raise _unknown_key(unknown[0])
+    both = sorted(k for k in shorthand if k in overrides and shorthand[k] != overrides[k])
+    if both:
+        raise ConfigError(
+            f"model: {both[0]} is given twice with different values (model.{both[0]}={shorthand[both[0]]!r}, "
+            f"model.overrides.{both[0]}={overrides[both[0]]!r}); give one of them"
+        )
+    return {**overrides, **shorthand}
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     model: ModelSection = field(default_factory=ModelSection)
     tokenizer: str | None = None  # a path or a ModelScope id; default: the model directory's tokenizer
     dataset: DatasetSection = field(default_factory=DatasetSection)
@@ -239,14 +331,17 @@ def load_config(source: str | Path | dict | TrainConfig | None = None, overrides
     if isinstance(source, TrainConfig):
         data = source.to_dict()
     elif isinstance(source, dict):
-        data = _deep_copy(source)
+        data = copy.deepcopy(source)
     elif source is None:
         data = {}
     else:
         data = read_config_file(Path(source))
     for key, value in _override_items(overrides):
         _set_dotted(data, key, value)
-    cfg = _build(TrainConfig, data, "")
+    try:
+        cfg = _schema().validate_python(data)
+    except ValidationError as err:
+        raise _config_error(err.errors()[0]) from None
     _resolve_warmup_alias(cfg.train.lr_scheduler)
     validate(cfg)
     return cfg
@@ -304,7 +399,7 @@ def _override_items(overrides: Any):
 def _flatten(d: dict, prefix: str):
     for key, value in d.items():
         full = f"{prefix}.{key}"
-        if isinstance(value, dict) and _field_type_at(full) is not None and _is_dataclass_path(full):
+        if isinstance(value, dict) and dataclasses.is_dataclass(_field_type_at(full)):
             yield from _flatten(value, full)
         else:
             yield full, value
@@ -346,132 +441,64 @@ def _inside_free_dict(parts: list[str]) -> bool:
     return parts[:2] == ["dataset", "remap_columns"] and len(parts) == 3
 
 
-# ------------------------------------------------------------------------------ typed construction
-def _build(cls: type, data: Any, where: str) -> Any:
-    if cls is ModelSection:
-        return _build_model_section(data, where)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise _unknown_key(path)
-        kwargs[key] = _coerce(hints[key], value, path)
-    return cls(**kwargs)
+# ------------------------------------------------------------------------------------ validation
+@functools.cache
+def _schema() -> TypeAdapter:
+    return TypeAdapter(TrainConfig)  # built on first use: importing the module builds nothing
 
 
-def _build_model_section(data: Any, where: str) -> ModelSection:
-    if data is None:
-        return ModelSection()
-    if isinstance(data, str):
-        return ModelSection(path=data)
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{where}: expected a model directory, a ModelScope id or {{preset: NAME, ...}}, got {data!r}"
-        )
-    data = dict(data)
-    path, preset = data.pop("path", None), data.pop("preset", None)
-    overrides = dict(data.pop("overrides", None) or {})
-    both = sorted(k for k in data if k in overrides and data[k] != overrides[k])
-    if both:
-        raise ConfigError(
-            f"{where}: {both[0]} is given twice with different values ({where}.{both[0]}={data[both[0]]!r}, "
-            f"{where}.overrides.{both[0]}={overrides[both[0]]!r}); give one of them"
-        )
-    overrides.update(data)  # `{preset: 1.3B, n_layer: 2}` is shorthand for overrides
-    if path is not None and preset is not None:
-        raise ConfigError(f"{where}: give either path (fine-tune) or preset (from scratch), not both")
-    if path is not None and overrides:
-        raise ConfigError(
-            f"{where}: architecture overrides {sorted(overrides)} only apply to a preset; "
-            f"a model directory keeps its own config"
-        )
-    section = ModelSection(path=_coerce(str | None, path, f"{where}.path"), preset=preset)
-    if preset is not None:
-        section.overrides = overrides
-        section.gpt_config()  # unknown preset / field -> ConfigError naming it
-    return section
+def config_schema() -> dict[str, Any]:
+    """The JSON schema of a training config (for editors and docs): the schema load_config checks.
+    It spells each setting one way; a file may also put GPTConfig fields beside model.preset (they
+    are model.overrides), give one item for a list (`metrics: ppl`) and a number as a string."""
+    return _schema().json_schema()
 
 
-def _coerce(tp: Any, value: Any, path: str) -> Any:
+def _config_error(err: Any) -> ConfigError:
+    """pydantic's first complaint, worded as the rest of gpt3zh: the dotted key, what it expects, the value."""
+    loc, kind = err["loc"], err["type"]
+    if kind == "value_error" and isinstance(err["ctx"]["error"], ConfigError):
+        return err["ctx"]["error"]  # a section's own check (the model shorthand)
+    if kind == "unexpected_keyword_argument":
+        return _unknown_key(".".join(map(str, loc)))
+    if kind == "missing":  # a tuple one item short: say so of the tuple
+        loc = loc[:-1]
+    key, tp = _locate(loc)
+    if kind == "finite_number":  # the right type, a wrong value: not "expected float or null"
+        return ConfigError(f"{key}: expected a finite number, got {err['input']!r}")
+    return ConfigError(f"{key}: expected {_expected(tp)}, got {err['input']!r}")
+
+
+def _locate(loc: tuple) -> tuple[str, Any]:
+    """A location (pydantic's, or a dotted key's parts) -> (the key as a user writes it, its type), as
+    far as the schema knows it; a union arm's tag (pydantic's `bool` in `resume.bool`) ends it."""
+    key, tp = "", TrainConfig
+    for item in loc:
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if dataclasses.is_dataclass(tp) and item in (hints := typing.get_type_hints(tp)):
+            key, tp = f"{key}.{item}" if key else item, hints[item]
+        elif origin in (list, tuple) and isinstance(item, int):
+            key, tp = f"{key}[{item}]", args[0] if origin is list else args[item]
+        elif origin is dict and item != "[key]":
+            key, tp = f"{key}.{item}", args[1]
+        else:
+            break
+    return key or "config", tp
+
+
+def _expected(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(arm, value, path)
-            except _NotFinite:
-                raise  # the right type, a wrong value: say that, not "expected float or null"
-            except ConfigError:
-                pass
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, {} if value is None else value, path)
+        return " or ".join(map(_expected, args))
     if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin is list:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [value]  # `metrics: ppl` is a one-item list
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return repr(args[0]) if len(args) == 1 else f"one of {', '.join(map(repr, args))}"
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{path}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return {str(k): (_coerce(args[1], v, f"{path}.{k}") if args[1] is not Any else v) for k, v in value.items()}
-    return _coerce_scalar(tp, value, path)
-
-
-def _coerce_scalar(tp: Any, value: Any, path: str) -> Any:
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):  # YAML's .inf / .nan: no setting here means anything infinite
-                raise _NotFinite(f"{path}: expected a finite number, got {value!r}")
-            return number
-    elif tp is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-
-
-class _NotFinite(ConfigError):
-    pass
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type):
-        return tp.__name__
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    return str(tp)
+        return f"a list of {len(args)} numbers"
+    if origin is list:
+        return "a list"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return "null" if tp is type(None) else tp.__name__
 
 
 # --------------------------------------------------------------------------------- key discovery
@@ -496,19 +523,8 @@ def valid_keys() -> list[str]:
 
 
 def _field_type_at(key: str) -> Any:
-    cls: Any = TrainConfig
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(cls):
-            return None
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            return None
-        cls = hints[part]
-    return cls
-
-
-def _is_dataclass_path(key: str) -> bool:
-    return dataclasses.is_dataclass(_field_type_at(key))
+    found, tp = _locate(tuple(key.split(".")))
+    return tp if found == key else None  # None: not a key of the schema
 
 
 def _unknown_key(key: str) -> ConfigError:
@@ -524,15 +540,7 @@ def _unknown_key(key: str) -> ConfigError:
     return ConfigError(unknown_key_message(key, names, "config key"))
 
 
-def _deep_copy(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _deep_copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_deep_copy(v) for v in d]
-    return d
-
-
-# ------------------------------------------------------------------------------------ validation
+# ----------------------------------------------------------------------------------- value checks
 def validate(cfg: TrainConfig) -> None:
     """Value checks that need no files (file checks happen in the trainer before step 1)."""
     t = cfg.train
