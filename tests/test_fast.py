@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from gpt3zh import fast, generation
+from gpt3zh import fast, generation, inference
 from gpt3zh.config import GenerationConfig, GPTConfig, InferenceOptions
 from gpt3zh.engine import Request, TokenEvent
 from gpt3zh.inference import prepare
@@ -163,7 +163,8 @@ def test_a_second_engine_gets_its_own_view(model):
     ("options", "message"),
     [({"compile": "yes"}, "compile must be True or False"), ({"quantize": "int4"}, "quantize must be None or one of"),
      ({"dtype": "fp8"}, "dtype must be one of float32, bfloat16, float16"),
-     ({"cpu_kernels": 1}, "cpu_kernels must be None"), ({"compyle": True}, "did you mean 'compile'")],
+     ({"cpu_kernels": 1}, "cpu_kernels must be None"), ({"pack_weights": "yes"}, "pack_weights must be None"),
+     ({"compyle": True}, "did you mean 'compile'")],
 )
 def test_invalid_inference_options(options, message):
     with pytest.raises(ValueError, match=message):
@@ -224,10 +225,10 @@ def test_chunked_linear_bf16_and_gradients():
 
 
 def test_cpu_kernels_share_the_weights_and_follow_them(model, two_threads):
-    prepared = prepare(model)
+    prepared = prepare(model, pack_weights=False)
     view = prepared.module
     assert "chunked GEMV over 2 threads" in prepared.description and "flat decode step" in prepared.description
-    assert view is not model and prepare(model) is prepared  # cached
+    assert view is not model and prepare(model, pack_weights=False) is prepared  # cached
     chunked = [m for m in view.modules() if isinstance(m, fast.ChunkedLinear)]
     assert len(chunked) == 4 * model.config.n_layer + 1  # every nn.Linear and the tied head
     assert not any(isinstance(m, fast.ChunkedLinear) for m in model.modules())  # the model is untouched
@@ -239,7 +240,7 @@ def test_cpu_kernels_share_the_weights_and_follow_them(model, two_threads):
     with torch.no_grad():  # an in-place update shows in the view at once
         model.blocks[0].mlp.fc.weight.mul_(1.5)
     try:
-        assert prepare(model) is prepared
+        assert prepare(model, pack_weights=False) is prepared
         with torch.inference_mode():
             torch.testing.assert_close(view(idx), model(idx), rtol=1e-5, atol=1e-5)
     finally:
@@ -247,13 +248,72 @@ def test_cpu_kernels_share_the_weights_and_follow_them(model, two_threads):
             model.blocks[0].mlp.fc.weight.div_(1.5)
     other = GPT(model.config)
     other.load_state_dict(model.state_dict(), assign=True)
-    fresh = prepare(other)
+    fresh = prepare(other, pack_weights=False)
     assert fresh is not prepared and next(fresh.module.parameters()) is next(other.parameters())
     torch.set_num_threads(1)
-    assert "module decode step" in prepare(model).description  # one thread: nothing to split
+    # one thread: nothing to split
+    assert prepare(model, pack_weights=False).description == "cpu float32, module decode step"
     assert prepare(model, cpu_kernels=False).description == "cpu float32, module decode step"
-    with pytest.raises(ValueError, match="cpu_kernels=True needs a CPU model, more than one thread"):
-        prepare(model, cpu_kernels=True)
+
+
+def test_packed_weights_follow_the_model(model, two_threads):
+    prepared = prepare(model)  # the default on CPU when the copy fits: oneDNN-packed layers
+    view = prepared.module
+    size = inference.human_bytes(fast.packable_bytes(model))
+    assert size.endswith(" KiB")
+    assert prepared.description == (f"cpu float32, oneDNN-packed weights (a {size} copy; one row: "
+                                    f"chunked GEMV over 2 threads), flat decode step")
+    packed = [m for m in view.modules() if isinstance(m, fast.PackedLinear)]
+    assert len(packed) == 4 * model.config.n_layer + 1  # every nn.Linear and the tied head
+    assert not any(isinstance(m, fast.PackedLinear) for m in model.modules())  # the model is untouched
+    for (name, p), (vname, vp) in zip(model.named_parameters(), view.named_parameters()):
+        assert name == vname and vp is p  # the parameters are shared; the packed copies are extra
+    rows = torch.tensor([PROMPTS[0][:2], PROMPTS[1][:2]])  # several rows: on the packed copies
+    one = torch.tensor([PROMPTS[0]])  # a one-row batch: its T positions are T rows (packed); one[:, :1] one row
+
+    def agree():
+        with torch.inference_mode():
+            for idx in (rows, one, one[:, :1]):
+                torch.testing.assert_close(view(idx), model(idx), rtol=1e-5, atol=1e-5)
+
+    agree()
+    with torch.no_grad():  # an in-place update: packed again at the next call
+        model.blocks[0].mlp.fc.weight.mul_(1.5)
+        model.tok_emb.weight.mul_(0.5)  # the tied head's copy follows the embedding
+    try:
+        assert prepare(model) is prepared
+        agree()
+    finally:
+        with torch.no_grad():
+            model.blocks[0].mlp.fc.weight.div_(1.5)
+            model.tok_emb.weight.div_(0.5)
+    old = model.blocks[1].attn.proj.weight.data
+    model.blocks[1].attn.proj.weight.data = old * 2  # a new tensor behind the same Parameter
+    try:
+        agree()
+    finally:
+        model.blocks[1].attn.proj.weight.data = old
+    fork = prepared.fork()  # a second engine's view shares the packed copies
+    assert {id(m.packed) for m in fork.module.modules() if isinstance(m, fast.PackedLinear)} == {
+        id(m.packed) for m in packed}
+    torch.set_num_threads(1)  # one thread: packed, one-row inputs too
+    single = prepare(model)
+    assert single.description == f"cpu float32, oneDNN-packed weights (a {size} copy), flat decode step"
+    assert_same(trace(single, PROMPTS[:1]), trace(prepare(model, cpu_kernels=False), PROMPTS[:1]))
+
+
+def test_packing_is_skipped_when_the_copy_does_not_fit(model, two_threads, monkeypatch):
+    need = fast.packable_bytes(model)
+    monkeypatch.setattr(inference, "available_memory", lambda: 2 * need - 1)  # half of it is less than the copy
+    assert "chunked GEMV over 2 threads" in prepare(model).description
+    monkeypatch.setattr(inference, "available_memory", lambda: 2 * need)
+    other = GPT(model.config)  # prepare() decides once per model (cached): ask for another one
+    other.load_state_dict(model.state_dict(), assign=True)
+    assert "oneDNN-packed" in prepare(other).description
+    with pytest.raises(ValueError, match="pack_weights=True needs a CPU model with compile=False"):
+        prepare(model, pack_weights=True, compile=True)
+    with pytest.raises(ValueError, match="pack_weights=True runs with the CPU kernels"):
+        prepare(model, pack_weights=True, cpu_kernels=False)
 
 
 def test_lean_step_equals_the_modules(model, two_threads):
@@ -299,7 +359,11 @@ def test_lean_step_equals_the_modules(model, two_threads):
 
 def test_lean_step_in_bf16_equals_the_modules(model, two_threads):
     lean, plain = prepare(model, dtype="bfloat16"), prepare(model, dtype="bfloat16", cpu_kernels=False)
-    assert lean.description == "cpu bfloat16, chunked GEMV over 2 threads, flat decode step"
+    if fast.can_pack(torch.bfloat16):  # oneDNN bf16 (AVX-512): packed, one-row inputs too
+        size = inference.human_bytes(fast.packable_bytes(model) // 2)  # bf16: half the fp32 bytes
+        assert lean.description == f"cpu bfloat16, oneDNN-packed weights (a {size} copy), flat decode step"
+    else:
+        assert lean.description == "cpu bfloat16, chunked GEMV over 2 threads, flat decode step"
     for (ta, la), (tb, lb) in zip(trace(lean, PROMPTS, max_new_tokens=8), trace(plain, PROMPTS, max_new_tokens=8)):
         assert ta == tb
         torch.testing.assert_close(la, lb, rtol=2e-2, atol=2e-2)  # bf16 logits: 8 mantissa bits
@@ -310,10 +374,15 @@ def test_lean_step_with_unsplit_layers_and_no_leak(two_threads):
     torch.manual_seed(2)
     cfg = GPTConfig(vocab_size=127, n_layer=2, n_head=4, d_model=32, max_seq_len=64, dropout=0.0, attn_dropout=0.0)
     odd = GPT(cfg).eval()
-    lean = prepare(odd)
+    lean = prepare(odd, pack_weights=False)
     assert type(lean.module.head).__name__ == "TiedHead" and isinstance(lean._lean, fast.LeanStep)
     plain = prepare(odd, cpu_kernels=False)
     assert_same(trace(lean, PROMPTS, max_new_tokens=6), trace(plain, PROMPTS, max_new_tokens=6))
+    packed = prepare(odd)  # packed: one-row inputs of the head on its packed copy too
+    assert isinstance(packed.module.head, fast.PackedLinear) and packed.module.head.chunks == 0
+    assert packed.module.blocks[0].mlp.fc.chunks == 2
+    assert_same(trace(packed, PROMPTS, max_new_tokens=6), trace(plain, PROMPTS, max_new_tokens=6))
+    del packed
     # the cached prepared copies never keep a dropped model's weights alive
     weight, view_ref = weakref.ref(odd.tok_emb.weight), weakref.ref(lean.module)
     del odd, lean, plain

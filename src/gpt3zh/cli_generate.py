@@ -48,7 +48,8 @@ def _generation_flags(p: argparse.ArgumentParser) -> None:
 
 
 def inference_flags(p: argparse.ArgumentParser) -> None:
-    """--quantize, --compile, --cpu-kernels: InferenceOptions' fields (the model's --dtype casts at load)."""
+    """--quantize, --compile, --cpu-kernels, --pack-weights: InferenceOptions' fields (the model's
+    --dtype casts at load)."""
     from .config import QUANTIZE, InferenceOptions
 
     group = p.add_argument_group("inference path (default: the fastest for the device)")
@@ -66,7 +67,8 @@ def inference_flags(p: argparse.ArgumentParser) -> None:
 def inference_options(args: argparse.Namespace):
     from .config import InferenceOptions
 
-    return InferenceOptions(quantize=args.quantize, compile=args.compile, cpu_kernels=args.cpu_kernels)
+    return InferenceOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(InferenceOptions)
+                               if f.name != "dtype"})
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -92,7 +94,7 @@ def _load_pipeline(args: argparse.Namespace):
     if tp == 1:
         pipe = pipeline("text-generation", model=args.model, tokenizer=args.tokenizer, device=args.device,
                         dtype=args.dtype, quantize=inference.quantize, compile=inference.compile,
-                        cpu_kernels=inference.cpu_kernels)
+                        cpu_kernels=inference.cpu_kernels, pack_weights=inference.pack_weights)
     else:  # under torchrun: every rank holds a slice and computes the same tokens
         from .assets import default_model_path
         from .checkpoint import load_pretrained

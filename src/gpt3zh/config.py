@@ -304,7 +304,10 @@ class InferenceOptions:
                 "activations on CPU, weight-only int8 elsewhere; int8-dynamic / int8-weight: that scheme"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the one-token decode step"})
     cpu_kernels: bool | None = field(default=None, metadata={
-        "help": "chunked-GEMV layers + flat decode step on CPU (default: on with more than one thread)"})
+        "help": "CPU kernels: oneDNN-packed or chunked-GEMV layers + a flat decode step (default: on)"})
+    pack_weights: bool | None = field(default=None, metadata={
+        "help": "with the CPU kernels, run the linear layers on a copy of their weights packed for oneDNN "
+                "(faster, costs that copy; default: when it fits in half the available memory)"})
 
     def __post_init__(self) -> None:
         if self.dtype not in (None, *DTYPE_NAMES):
@@ -314,8 +317,13 @@ class InferenceOptions:
             raise ConfigError(f"quantize must be None or one of {QUANTIZE}, got {self.quantize!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"compile must be True or False, got {self.compile!r}")
-        if not (self.cpu_kernels is None or isinstance(self.cpu_kernels, bool)):
-            raise ConfigError(f"cpu_kernels must be None (auto), True or False, got {self.cpu_kernels!r}")
+        for name in ("cpu_kernels", "pack_weights"):
+            value = getattr(self, name)
+            if not (value is None or isinstance(value, bool)):
+                raise ConfigError(f"{name} must be None (auto), True or False, got {value!r}")
+        if self.pack_weights and self.cpu_kernels is False:
+            raise ConfigError("pack_weights=True runs with the CPU kernels: it cannot be combined with "
+                              "cpu_kernels=False")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InferenceOptions:

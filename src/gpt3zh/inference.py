@@ -15,8 +15,10 @@ The transforms, in order:
    is the best int8 for the path: dynamic int8 (int8 weights and per-row int8 activations, fbgemm)
    for eager float32 on CPU, weight-only int8 elsewhere (compiled steps, accelerators, bf16/fp16);
    "int8-dynamic" / "int8-weight" ask for one.
-2. CPU kernels (default on when decoding on a CPU with more than one thread): `fast.chunk_layers`
-   (the chunked-GEMV layers) and `fast.LeanStep` as the decode step.
+2. CPU kernels (default on for eager CPU models): `fast.pack_layers` (oneDNN on packed copies of
+   the linear weights: the fastest at every batch size, but a copy of the weights, so by default
+   only when it fits in half the available memory; `pack_weights`) or else, with more than one
+   thread, `fast.chunk_layers` (chunked-GEMV layers, no copy); and `fast.LeanStep` as the decode step.
 3. compile: torch.compile of the modules' one-token step, with static shapes (the engine then
    decodes every row over the whole cache, masked, so one graph serves a whole call).
 
@@ -26,6 +28,7 @@ The fastest correct path for the device is the default; every choice can be turn
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import weakref
 from typing import Any
@@ -204,24 +207,67 @@ def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) ->
         parts.append(SCHEME_PARTS[scheme(module)])
     w = module.tok_emb.weight
     plain = type(w.data) is torch.Tensor  # a DTensor (training-parallel) model is run as it is
-    cpu = w.device.type == "cpu" and threads > 1 and plain and not options.compile
+    cpu = w.device.type == "cpu" and plain and not options.compile
     if options.cpu_kernels is True and not cpu:
-        raise ValueError("cpu_kernels=True needs a CPU model, more than one thread and compile=False")
+        raise ValueError("cpu_kernels=True needs a CPU model and compile=False")
     step = "compiled" if options.compile else "modules"
     if cpu and options.cpu_kernels is not False:
-        if fast.chunk_layers(module, threads):
+        packed = _pack(module, options.pack_weights, threads)
+        if packed:
+            one_row = any(getattr(m, "chunks", 0) for m in module.modules() if isinstance(m, fast.PackedLinear))
+            parts.append(f"oneDNN-packed weights (a {human_bytes(packed)} copy"
+                         + (f"; one row: chunked GEMV over {threads} threads)" if one_row else ")"))
+        elif threads > 1 and fast.chunk_layers(module, threads):
             parts.append(f"chunked GEMV over {threads} threads")
-        step = "lean"
+        if packed or threads > 1:
+            step = "lean"
+    elif options.pack_weights:
+        raise ValueError("pack_weights=True needs a CPU model with compile=False")
     names = {"lean": "flat decode step", "compiled": "compiled decode step", "modules": "module decode step"}
     parts.append(names[step])
     return InferenceModel(module, options, tuple(parts), step)
 
 
+def _pack(module: GPT, wanted: bool | None, threads: int) -> int:
+    """Pack `module`'s plain linear layers for oneDNN when `wanted` (None: when the copy fits in half
+    the available memory); the bytes copied (0: not packed)."""
+    need = fast.packable_bytes(module)
+    if wanted is False or (wanted is None and not 0 < need <= available_memory() // 2):
+        return 0
+    if need == 0:
+        raise ValueError(f"pack_weights=True: oneDNN does not run {module.tok_emb.weight.dtype} linear layers on "
+                         f"this CPU (float32 always; bfloat16 needs AVX-512)")
+    return fast.pack_layers(module, chunks=threads)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}" if unit == "GiB" else f"{n / size:,.0f} {unit}"
+    return f"{n / 2**10:,.0f} KiB"
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux MemAvailable; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def _view(model: GPT) -> GPT:
     """New module objects around the same parameter and buffer tensors, in eval mode, no KV cache."""
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    # fbgemm's packed int8 weights are shared too (deepcopy would unpack and repack them)
-    memo.update({id(m.packed): m.packed for m in model.modules() if isinstance(m, Int8DynamicLinear)})
+    # packed weights (fbgemm's int8, oneDNN's) are shared too (deepcopy would repack or fail on them)
+    packed = (m for m in model.modules() if isinstance(m, Int8DynamicLinear | fast.PackedLinear))
+    memo.update({id(m.packed): m.packed for m in packed})
     memo.update({id(b.attn.kv_cache): None for b in model.blocks if b.attn.kv_cache is not None})
     view = copy.deepcopy(model, memo)
     view.cache_len = 0

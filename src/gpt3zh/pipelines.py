@@ -50,6 +50,7 @@ def pipeline(
     quantize: str | None = None,
     compile: bool = False,
     cpu_kernels: bool | None = None,
+    pack_weights: bool | None = None,
 ) -> TextGenerationPipeline:
     """A text-generation pipeline over a model directory (or a GPT and its tokenizer).
 
@@ -57,8 +58,8 @@ def pipeline(
     needs `tokenizer=` (a Tokenizer or a path) and takes its generation `defaults=` (default:
     GenerationDefaults()); a directory brings its own tokenizer and defaults unless given.
     device/dtype: where and in what dtype a directory is loaded (a GPT object is not moved; a dtype
-    for it is an inference transform, a cast copy). quantize / compile / cpu_kernels: see
-    gpt3zh.prepare.
+    for it is an inference transform, a cast copy). quantize / compile / cpu_kernels / pack_weights:
+    see gpt3zh.prepare.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; gpt3zh pipelines do: {', '.join(TASKS)}")
@@ -66,7 +67,7 @@ def pipeline(
         from .assets import default_model_path
 
         model = default_model_path()
-    inference = {"quantize": quantize, "compile": compile, "cpu_kernels": cpu_kernels}
+    inference = {"quantize": quantize, "compile": compile, "cpu_kernels": cpu_kernels, "pack_weights": pack_weights}
     if isinstance(model, GPT):
         if tokenizer is None:
             raise ValueError("pipeline(model=<GPT object>) needs tokenizer= (a Tokenizer or a tokenizer path)")
