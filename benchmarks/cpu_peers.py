@@ -8,24 +8,29 @@ Greedy, random prompts of --prompt-len tokens (equal lengths), exactly --new-tok
 stop id) per sequence. transformers runs gpt3zh's HF layout (`GPT2LMHeadModel`, built in memory from
 the HF name table with the model's own tensors); CTranslate2 runs that model converted with its
 Python converter API (the `GPT2LMHeadModel` loader of `ct2-transformers-converter`), once, loaded
-twice: compute_type float32 and int8. Every engine runs in this one process with --threads threads,
-and the runs are interleaved (run r of each before run r+1 of any) after a short warm-up, so load
-from other processes hits them all alike; medians are reported. A "memory read" entry in the same
+twice: compute_type float32 and int8. Every engine runs in its own worker process (spawned; the
+weights travel as a safetensors file) with --threads threads, as a user runs one engine: in one
+process, two OpenMP runtimes slow each other (after one CTranslate2 call, gpt3zh's fp32 decode in
+the same process stayed ~25% slower). One invocation drives them all, interleaved (run r of each
+before run r+1 of any) after a short warm-up, so load from other processes hits them all alike;
+medians are reported. A "memory read" entry in the same
 interleaved loop (`sum` over 512 MiB) measures the read bandwidth the engines had: each engine's
 weight bytes per decode step x steps per second is shown as a share of it (KV cache and activations
 not counted: a few percent at these lengths). Token agreement: fp32 engines against gpt3zh fp32
 (random weights have near-tied logits, so a single float rounding can flip a token: the prefix
 length that agrees is shown), int8 engines against their own fp32.
 
-Needs the `bench` extra (ctranslate2). Memory: the fp32 model once (gpt3zh fp32 is a view of it),
-transformers' Conv1D copy of the block weights, CTranslate2 fp32 once, and the int8 weights (1.3B
-shape: about 15 GB without transformers, `--no-transformers`; with it about 20 GB).
+Needs the `bench` extra (ctranslate2). Memory, all workers alive at once: gpt3zh fp32 (its weights
+and, when it fits in half the memory then available, their oneDNN-packed copy; started last for
+that), gpt3zh int8, CTranslate2 fp32 and int8, transformers (its own float copy). 1.3B shape: use
+`--no-transformers` (about 13-19 GB without it).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing as mp
 import platform
 import tempfile
 import time
@@ -88,34 +93,99 @@ def weight_bytes(cfg: GPTConfig, per_weight: float) -> float:
     return per_weight * (cfg.n_layer * (4 * d * d + 2 * d * f) + cfg.vocab_size * d)
 
 
-def engines(model: GPT, tmp: str, threads: int, bf16: bool, with_hf: bool) -> dict:
-    """{name: (greedy fn(prompts, new), bytes per weight, reference name)}. CTranslate2 is converted
-    first, while nothing else holds a copy, and loads each precision from its own directory (int8
-    converted with quantization="int8", so loading it never holds the float32 weights)."""
-    import ctranslate2
+# ------------------------------------------------------------------ one process per engine
+# Engines share nothing but the weights' file: two OpenMP runtimes in one process slow each other
+# (after one CTranslate2 call in the same process, gpt3zh's fp32 decode ran ~25% slower for the rest
+# of the process: SDPA 32 -> 117 us, GELU 48 -> 128 us per call), and a user runs one engine anyway.
+ENGINES = {  # name: (bytes per weight, the reference its tokens are compared with)
+    "gpt3zh fp32": (4, "gpt3zh fp32"),
+    "gpt3zh int8": (1, "gpt3zh fp32"),
+    "gpt3zh bf16": (2, "gpt3zh fp32"),
+    "CTranslate2 fp32": (4, "gpt3zh fp32"),
+    "CTranslate2 int8": (1, "CTranslate2 fp32"),
+    "transformers fp32": (4, "gpt3zh fp32"),
+}
 
-    paths = {}
-    for ct in ("float32", "int8"):
-        paths[ct] = ct2_convert(model, f"{tmp}/{ct}", ct)
-        gc.collect()
-    # transformers' block weights transposed to Conv1D's layout are a copy; the rest is shared
-    hf = hf_from_model(model) if with_hf else None
-    ct2 = {ct: ctranslate2.Generator(path, device="cpu", compute_type=ct, intra_threads=threads)
-           for ct, path in paths.items()}
-    fp32, int8 = prepare(model), prepare(model, quantize="int8")
-    out = {
-        "gpt3zh fp32": (lambda p, n: gpt3zh_greedy(fp32, p, n), 4, "gpt3zh fp32"),
-        "gpt3zh int8": (lambda p, n: gpt3zh_greedy(int8, p, n), 1, "gpt3zh fp32"),
-        "CTranslate2 fp32": (lambda p, n: ct2_greedy(ct2["float32"], p, n), 4, "gpt3zh fp32"),
-        "CTranslate2 int8": (lambda p, n: ct2_greedy(ct2["int8"], p, n), 1, "CTranslate2 fp32"),
-    }
-    if with_hf:
-        out["transformers fp32"] = (lambda p, n: hf_greedy(hf, p, n), 4, "gpt3zh fp32")
-    if bf16:
-        half = prepare(model, dtype="bfloat16")  # held here: prepare() caches one variant per model
-        out["gpt3zh bf16"] = (lambda p, n: gpt3zh_greedy(half, p, n), 2, "gpt3zh fp32")
-    print(f"# {fp32!r} | {int8!r}")
-    return out
+
+def _load_gpt(cfg: GPTConfig, weights: str) -> GPT:
+    from safetensors.torch import load_file
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.load_state_dict(load_file(weights), assign=True)
+    return model.eval()
+
+
+def _engine(name: str, cfg: GPTConfig, weights: str, ct2_dirs: dict, threads: int):
+    """greedy(prompts, new) for `name`, built in this (worker) process."""
+    torch.set_num_threads(threads)
+    if name.startswith("CTranslate2"):
+        import ctranslate2
+
+        ct = "float32" if name.endswith("fp32") else "int8"
+        gen = ctranslate2.Generator(ct2_dirs[ct], device="cpu", compute_type=ct, intra_threads=threads)
+        return lambda p, n: ct2_greedy(gen, p, n), ""
+    model = _load_gpt(cfg, weights)
+    if name == "transformers fp32":
+        hf = hf_from_model(model)
+        del model
+        return lambda p, n: hf_greedy(hf, p, n), ""
+    options = {"gpt3zh fp32": {}, "gpt3zh int8": {"quantize": "int8"}, "gpt3zh bf16": {"dtype": "bfloat16"}}[name]
+    prepared = prepare(model, **options)
+    del model  # the int8 / bf16 copies do not need the float32 linear weights (the fp32 view holds them)
+    gc.collect()
+    return lambda p, n: gpt3zh_greedy(prepared, p, n), repr(prepared)
+
+
+def _worker(conn, name: str, cfg: GPTConfig, weights: str, ct2_dirs: dict, threads: int) -> None:
+    try:
+        fn, desc = _engine(name, cfg, weights, ct2_dirs, threads)
+        conn.send(("ready", desc))
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            prompts, new = msg
+            t0 = time.perf_counter()
+            out = fn(prompts, new)
+            conn.send((time.perf_counter() - t0, out))
+    except Exception as err:  # report, do not hang the parent
+        conn.send(("error", f"{name}: {type(err).__name__}: {err}"))
+
+
+class Worker:
+    """An engine in its own process (spawned: a fresh interpreter, its own thread pools)."""
+
+    def __init__(self, name: str, cfg: GPTConfig, weights: str, ct2_dirs: dict, threads: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, name, cfg, weights, ct2_dirs, threads), daemon=True)
+        self.proc.start()
+        kind, self.description = self.conn.recv()
+        if kind == "error":
+            raise RuntimeError(self.description)
+
+    def __call__(self, prompts: torch.Tensor, new: int) -> tuple[float, list[list[int]]]:
+        self.conn.send((prompts, new))
+        secs, out = self.conn.recv()
+        if secs == "error":
+            raise RuntimeError(out)
+        return secs, out
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(30)
+
+
+def prepare_files(model: GPT, tmp: str) -> tuple[str, dict]:
+    """The weights as safetensors (every engine's worker loads them) and the two CTranslate2 models."""
+    from safetensors.torch import save_file
+
+    weights = f"{tmp}/model.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, weights)
+    dirs = {ct: ct2_convert(model, f"{tmp}/{ct}", ct) for ct in ("float32", "int8")}
+    return weights, dirs
 
 
 def mem_read(buf: torch.Tensor, passes: int = 4):
@@ -144,37 +214,56 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = PRESETS[args.preset].replace(dropout=0.0, attn_dropout=0.0)
-    model = GPT(cfg).eval()
+    names = [n for n in ENGINES if (args.bf16 or n != "gpt3zh bf16") and
+             not (args.no_transformers and n.startswith("transformers"))]
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {platform.processor() or platform.machine()}  "
-          f"threads {torch.get_num_threads()}  torch {torch.__version__}  transformers {transformers.__version__}  "
+          f"threads {args.threads}  torch {torch.__version__}  transformers {transformers.__version__}  "
           f"ctranslate2 {ctranslate2.__version__}")
     print(f"# preset {args.preset}, random init (seed 0), greedy, prompt {args.prompt_len} tokens, {args.new_tokens} "
-          f"new tokens, median of {args.runs} interleaved runs after a warm-up")
-    buf = torch.ones(READ_BYTES // 4)
+          f"new tokens, median of {args.runs} interleaved runs after a warm-up; each engine in its own process")
     with tempfile.TemporaryDirectory() as tmp:
-        impls = engines(model, tmp, args.threads, args.bf16, not args.no_transformers)
-        for batch in args.batch:
-            prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len))
-            timed = {name: bind(fn, prompts, args.new_tokens) for name, (fn, _, _) in impls.items()}
-            timed["memory read"] = mem_read(buf)
-            results = interleaved(timed, args.runs)
-            report(results, impls, cfg, batch, args.new_tokens)
+        model = GPT(cfg).eval()
+        weights, ct2_dirs = prepare_files(model, tmp)
+        del model
+        gc.collect()
+        # started one at a time, CTranslate2 first: gpt3zh's fp32 packs its weights only if the
+        # copy fits in what the others left (half the available memory)
+        workers = {}
+        for name in sorted(names, key=lambda n: (not n.startswith("CTranslate2"), n == "gpt3zh fp32")):
+            workers[name] = Worker(name, cfg, weights, ct2_dirs, args.threads)
+            if workers[name].description:
+                print(f"# {name}: {workers[name].description}")
+        workers = {n: workers[n] for n in names}
+        buf = torch.ones(READ_BYTES // 4)
+        try:
+            for batch in args.batch:
+                prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len))
+                timed = {name: bind(w, prompts, args.new_tokens) for name, w in workers.items()}
+                timed["memory read"] = mem_read(buf)
+                results = interleaved(timed, args.runs)
+                report(results, cfg, batch, args.new_tokens)
+        finally:
+            for w in workers.values():
+                w.close()
 
 
-def bind(fn, prompts: torch.Tensor, new: int):
-    """fn(prompts, new) as `interleaved` calls it (4 tokens for the warm-up)."""
-    return lambda warmup=False: fn(prompts, 4 if warmup else new)
+def bind(worker: Worker, prompts: torch.Tensor, new: int):
+    """worker(prompts, new) as `interleaved` calls it (4 tokens for the warm-up)."""
+    return lambda warmup=False: worker(prompts, 4 if warmup else new)
 
 
-def report(results: dict, impls: dict, cfg: GPTConfig, batch: int, new: int) -> None:
+def report(results: dict, cfg: GPTConfig, batch: int, new: int) -> None:
     read_s = results.pop("memory read")[0]
+    # (median seconds, last tokens); the time is interleaved()'s around the call to the worker (the
+    # pipe adds well under a millisecond to runs of seconds)
+    results = {name: (secs, out[1]) for name, (secs, out, _) in results.items()}
     bandwidth = 4 * READ_BYTES / read_s
     print(f"# batch {batch}: memory read {bandwidth / 1e9:.1f} GB/s (sum over {READ_BYTES >> 20} MiB, same loop)")
     print("| impl | batch | median s | tok/s | vs CTranslate2 (same precision) | weight GB/s | share of read bandwidth "
           "| tokens equal |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for name, (secs, out, _) in results.items():
-        _, per_weight, ref = impls[name]
+    for name, (secs, out) in results.items():
+        per_weight, ref = ENGINES[name]
         peer = "CTranslate2 int8" if per_weight == 1 else "CTranslate2 fp32"
         rel = results[peer][0] / secs
         gbs = weight_bytes(cfg, per_weight) * new / secs  # one weight read per decode step, all rows together
