@@ -206,6 +206,7 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="also gpt3zh with dtype=bfloat16 (a cast copy)")
     ap.add_argument("--no-transformers", action="store_true",
                     help="leave transformers out (its Conv1D layout is a second float copy: for the 1.3B shape)")
+    ap.add_argument("--engines", nargs="+", choices=list(ENGINES), help="only these (default: all but bf16)")
     args = ap.parse_args()
 
     import ctranslate2
@@ -214,8 +215,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = PRESETS[args.preset].replace(dropout=0.0, attn_dropout=0.0)
-    names = [n for n in ENGINES if (args.bf16 or n != "gpt3zh bf16") and
-             not (args.no_transformers and n.startswith("transformers"))]
+    names = args.engines or [n for n in ENGINES if (args.bf16 or n != "gpt3zh bf16") and
+                             not (args.no_transformers and n.startswith("transformers"))]
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {platform.processor() or platform.machine()}  "
           f"threads {args.threads}  torch {torch.__version__}  transformers {transformers.__version__}  "
           f"ctranslate2 {ctranslate2.__version__}")
@@ -265,10 +266,11 @@ def report(results: dict, cfg: GPTConfig, batch: int, new: int) -> None:
     for name, (secs, out) in results.items():
         per_weight, ref = ENGINES[name]
         peer = "CTranslate2 int8" if per_weight == 1 else "CTranslate2 fp32"
-        rel = results[peer][0] / secs
+        rel = f"{results[peer][0] / secs:.2f}x" if peer in results else "-"
         gbs = weight_bytes(cfg, per_weight) * new / secs  # one weight read per decode step, all rows together
-        same = "(reference)" if ref == name else f"{agreement(out, results[ref][1])} vs {ref}"
-        print(f"| {name} | {batch} | {secs:.3f} | {batch * new / secs:.1f} | {rel:.2f}x | {gbs / 1e9:.1f} | "
+        same = ("(reference)" if ref == name else f"{agreement(out, results[ref][1])} vs {ref}" if ref in results
+                else "-")
+        print(f"| {name} | {batch} | {secs:.3f} | {batch * new / secs:.1f} | {rel} | {gbs / 1e9:.1f} | "
               f"{gbs / bandwidth:.0%} | {same} |", flush=True)
 
 

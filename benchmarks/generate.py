@@ -7,8 +7,9 @@ All implementations run side by side in one process and their runs are interleav
 after one short warm-up each), so load from other processes on a shared machine hits them all
 alike; the median of the runs is reported. Prints seconds and tokens/s per implementation, how many
 times faster gpt3zh is, and whether each produced exactly gpt3zh's tokens. `--ablate` also times
-gpt3zh with its decode steps run through the modules' forward (the chunked layers kept, the flat
-step off), with the CPU kernels off altogether (`cpu_kernels=False`: F.linear layers, module
+gpt3zh without the oneDNN-packed weight copies (`pack_weights=False`: chunked-GEMV layers), with
+its decode steps run through the modules' forward (the layers kept, the flat step off), with the
+CPU kernels off altogether (`cpu_kernels=False`: F.linear layers, module
 steps) and with a KV cache of the full context, to show what those choices are worth.
 """
 
@@ -62,9 +63,10 @@ def hf_greedy(hf, prompts, new):
 
 
 def module_steps(model):
-    """gpt3zh's prepared module (chunked layers) with the modules' own decode step instead of the flat one."""
+    """gpt3zh's prepared module (its packed / chunked layers) with the modules' own decode step instead of
+    the flat one."""
     p = prepare(model)
-    return InferenceModel(p.fork().module, p.options, ("chunked layers", "module decode step"), "modules")
+    return InferenceModel(p.fork().module, p.options, (*p.parts[:-1], "module decode step"), "modules")
 
 
 def main() -> None:
@@ -110,6 +112,8 @@ def main() -> None:
             if args.ablate:
                 modules = module_steps(model)
                 plain = prepare(model, cpu_kernels=False)
+                chunked = prepare(model, pack_weights=False)
+                impls["gpt3zh pack_weights=False"] = bind(lambda p, n, m=chunked: gpt3zh_greedy(m, p, n))
                 impls["gpt3zh module steps"] = bind(lambda p, n, m=modules: gpt3zh_greedy(m, p, n))
                 impls["gpt3zh cpu_kernels=False"] = bind(lambda p, n, m=plain: gpt3zh_greedy(m, p, n))
                 impls["gpt3zh cache=full context"] = bind(

@@ -314,6 +314,8 @@ def test_packing_is_skipped_when_the_copy_does_not_fit(model, two_threads, monke
         prepare(model, pack_weights=True, compile=True)
     with pytest.raises(ValueError, match="pack_weights=True runs with the CPU kernels"):
         prepare(model, pack_weights=True, cpu_kernels=False)
+    with pytest.raises(ValueError, match="pack_weights=True: the model has no plain linear layers to pack"):
+        prepare(model, pack_weights=True, quantize="int8")
 
 
 def test_lean_step_equals_the_modules(model, two_threads):

@@ -235,8 +235,11 @@ def _pack(module: GPT, wanted: bool | None, threads: int) -> int:
     if wanted is False or (wanted is None and not 0 < need <= available_memory() // 2):
         return 0
     if need == 0:
-        raise ValueError(f"pack_weights=True: oneDNN does not run {module.tok_emb.weight.dtype} linear layers on "
-                         f"this CPU (float32 always; bfloat16 needs AVX-512)")
+        dtype = module.tok_emb.weight.dtype
+        why = (f"oneDNN does not run {str(dtype).removeprefix('torch.')} linear layers on this CPU (float32 always; "
+               f"bfloat16 needs AVX-512)" if not fast.can_pack(dtype) else
+               "the model has no plain linear layers to pack (int8 or tensor-parallel layers run as they are)")
+        raise ValueError(f"pack_weights=True: {why}")
     return fast.pack_layers(module, chunks=threads)
 
 
