@@ -1,6 +1,6 @@
 """Preparing a model for inference: the per-model transforms, done once, in one visible step.
 
-`prepare(model, dtype=..., quantize=..., compile=..., cpu_kernels=...)` returns an `InferenceModel`:
+`prepare(model, dtype=..., quantize=..., compile=..., cpu_kernels=..., pack_weights=...)` returns an `InferenceModel`:
 the module to run (its own module objects, so the caller's model is never mutated: no KV cache, no
 eval() on it), the one-token step function the engine calls, and a description of the chosen path
 (its repr; the CLI's --verbose and the server's startup log print it). Prepared copies are cached,
