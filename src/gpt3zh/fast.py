@@ -110,23 +110,27 @@ def pack_layers(model: GPT, chunks: int = 0, rows: int = PACK_ROWS) -> int:
     layers whose outputs split into `chunks` blocks run one-row inputs as chunked GEMVs. Other
     layer types (int8, tensor-parallel, chunked) are left as they are."""
     copied = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) in (nn.Linear, TiedHead) and type(child.weight.data) is torch.Tensor:
-                w = child.weight
-                k = chunks if w.dtype == torch.float32 and chunks > 1 and w.shape[0] % chunks == 0 else 0
-                layer = PackedLinear(w, getattr(child, "bias", None), rows, k)
-                setattr(parent, name, layer)
-                copied += layer.packed_bytes
+    for parent, name, child in _packable(model):
+        w = child.weight
+        k = chunks if w.dtype == torch.float32 and chunks > 1 and w.shape[0] % chunks == 0 else 0
+        layer = PackedLinear(w, getattr(child, "bias", None), rows, k)
+        setattr(parent, name, layer)
+        copied += layer.packed_bytes
     return copied
 
 
 def packable_bytes(model: GPT) -> int:
     """The bytes pack_layers(model) would copy (0 if oneDNN cannot run the model's dtype here)."""
-    layers = [m for m in model.modules() if type(m) in (nn.Linear, TiedHead) and type(m.weight.data) is torch.Tensor]
-    if not layers or not can_pack(layers[0].weight.dtype) or layers[0].weight.device.type != "cpu":
+    weights = [child.weight for _, _, child in _packable(model)]
+    if not weights or not can_pack(weights[0].dtype) or weights[0].device.type != "cpu":
         return 0
-    return sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    return sum(w.numel() * w.element_size() for w in weights)
+
+
+def _packable(model: GPT) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, layer) of every plain nn.Linear and tied head: what pack_layers swaps."""
+    return [(parent, name, child) for parent in list(model.modules()) for name, child in parent.named_children()
+            if type(child) in (nn.Linear, TiedHead) and type(child.weight.data) is torch.Tensor]
 
 
 class ChunkedLinear(nn.Module):
