@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from gpt3zh import fast, generation, inference
+from gpt3zh import ckernel, fast, generation, inference
 from gpt3zh.config import GenerationConfig, GPTConfig, InferenceOptions
 from gpt3zh.engine import Request, TokenEvent
 from gpt3zh.inference import prepare
@@ -194,6 +194,31 @@ def two_threads():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(params=["C kernel", "torch kernels"])
+def kernels(request, monkeypatch):
+    """Each CPU-kernel test twice: with gpt3zh's C kernel (where it builds) and with torch's own
+    kernels only (GPT3ZH_CKERNEL=0: what a machine without a C compiler runs). Yields the kernel or None."""
+    ckernel._load.cache_clear()
+    if request.param == "torch kernels":
+        monkeypatch.setenv("GPT3ZH_CKERNEL", "0")
+    elif ckernel.load() is None:
+        pytest.skip(f"the C kernel does not build here: {ckernel.unavailable()}")
+    yield ckernel.load()
+    monkeypatch.delenv("GPT3ZH_CKERNEL", raising=False)
+    ckernel._load.cache_clear()
+
+
+def few_rows(kernel, threads, chunked="chunked GEMV over 2 threads"):
+    """The description part of the few-row path."""
+    if kernel is None:
+        return chunked
+    return f"1-{ckernel.MAX_ROWS} rows: gpt3zh's C kernel over {threads} thread{'s' * (threads > 1)}"
+
+
+def unavailable(kernel):
+    return "" if kernel is not None else ", C kernel unavailable: turned off by GPT3ZH_CKERNEL=0"
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 513])
 @pytest.mark.parametrize("bias", [True, False])
 def test_chunked_linear_equals_f_linear(rows, bias):
@@ -224,10 +249,10 @@ def test_chunked_linear_bf16_and_gradients():
         fast.ChunkedLinear(torch.zeros(63, 4), None, 2)
 
 
-def test_cpu_kernels_share_the_weights_and_follow_them(model, two_threads):
+def test_cpu_kernels_share_the_weights_and_follow_them(model, two_threads, kernels):
     prepared = prepare(model, pack_weights=False)
     view = prepared.module
-    assert "chunked GEMV over 2 threads" in prepared.description and "flat decode step" in prepared.description
+    assert prepared.description == f"cpu float32, {few_rows(kernels, 2)}{unavailable(kernels)}, flat decode step"
     assert view is not model and prepare(model, pack_weights=False) is prepared  # cached
     chunked = [m for m in view.modules() if isinstance(m, fast.ChunkedLinear)]
     assert len(chunked) == 4 * model.config.n_layer + 1  # every nn.Linear and the tied head
@@ -251,29 +276,33 @@ def test_cpu_kernels_share_the_weights_and_follow_them(model, two_threads):
     fresh = prepare(other, pack_weights=False)
     assert fresh is not prepared and next(fresh.module.parameters()) is next(other.parameters())
     torch.set_num_threads(1)
-    # one thread: nothing to split
-    assert prepare(model, pack_weights=False).description == "cpu float32, module decode step"
+    # one thread: nothing to split; the C kernel still streams better than F.linear
+    one = prepare(model, pack_weights=False)
+    assert one.description == ("cpu float32, C kernel unavailable: turned off by GPT3ZH_CKERNEL=0, module decode step"
+                               if kernels is None else f"cpu float32, {few_rows(kernels, 1)}, flat decode step")
+    assert_same(trace(one, PROMPTS), trace(prepare(model, cpu_kernels=False), PROMPTS))
     assert prepare(model, cpu_kernels=False).description == "cpu float32, module decode step"
 
 
-def test_packed_weights_follow_the_model(model, two_threads):
+def test_packed_weights_follow_the_model(model, two_threads, kernels):
     prepared = prepare(model)  # the default on CPU when the copy fits: oneDNN-packed layers
     view = prepared.module
     size = inference.human_bytes(fast.packable_bytes(model))
     assert size.endswith(" KiB")
-    assert prepared.description == (f"cpu float32, oneDNN-packed weights (a {size} copy; one row: "
-                                    f"chunked GEMV over 2 threads), flat decode step")
+    rows = few_rows(kernels, 2, "one row: chunked GEMV over 2 threads")
+    assert prepared.description == (f"cpu float32, oneDNN-packed weights (a {size} copy; {rows})"
+                                    f"{unavailable(kernels)}, flat decode step")
     packed = [m for m in view.modules() if isinstance(m, fast.PackedLinear)]
     assert len(packed) == 4 * model.config.n_layer + 1  # every nn.Linear and the tied head
     assert not any(isinstance(m, fast.PackedLinear) for m in model.modules())  # the model is untouched
     for (name, p), (vname, vp) in zip(model.named_parameters(), view.named_parameters()):
         assert name == vname and vp is p  # the parameters are shared; the packed copies are extra
-    rows = torch.tensor([PROMPTS[0][:2], PROMPTS[1][:2]])  # several rows: on the packed copies
+    rows = torch.tensor([PROMPTS[0][:2], PROMPTS[1][:2]])  # 4 rows: on the packed copies
     one = torch.tensor([PROMPTS[0]])  # a one-row batch: its T positions are T rows (packed); one[:, :1] one row
 
-    def agree():
+    def agree():  # rows[:, :1], one[:, :1]: the few-row path (C kernel or chunked GEMVs)
         with torch.inference_mode():
-            for idx in (rows, one, one[:, :1]):
+            for idx in (rows, rows[:, :1], one, one[:, :1], one[:, :3]):
                 torch.testing.assert_close(view(idx), model(idx), rtol=1e-5, atol=1e-5)
 
     agree()
@@ -296,16 +325,18 @@ def test_packed_weights_follow_the_model(model, two_threads):
     fork = prepared.fork()  # a second engine's view shares the packed copies
     assert {id(m.packed) for m in fork.module.modules() if isinstance(m, fast.PackedLinear)} == {
         id(m.packed) for m in packed}
-    torch.set_num_threads(1)  # one thread: packed, one-row inputs too
+    torch.set_num_threads(1)  # one thread: packed, one-row inputs too (or on the C kernel)
     single = prepare(model)
-    assert single.description == f"cpu float32, oneDNN-packed weights (a {size} copy), flat decode step"
+    rows = "" if kernels is None else f"; {few_rows(kernels, 1)}"
+    assert single.description == (f"cpu float32, oneDNN-packed weights (a {size} copy{rows})"
+                                  f"{unavailable(kernels)}, flat decode step")
     assert_same(trace(single, PROMPTS[:1]), trace(prepare(model, cpu_kernels=False), PROMPTS[:1]))
 
 
-def test_packing_is_skipped_when_the_copy_does_not_fit(model, two_threads, monkeypatch):
+def test_packing_is_skipped_when_the_copy_does_not_fit(model, two_threads, monkeypatch, kernels):
     need = fast.packable_bytes(model)
     monkeypatch.setattr(inference, "available_memory", lambda: 2 * need - 1)  # half of it is less than the copy
-    assert "chunked GEMV over 2 threads" in prepare(model).description
+    assert prepare(model).description == f"cpu float32, {few_rows(kernels, 2)}{unavailable(kernels)}, flat decode step"
     monkeypatch.setattr(inference, "available_memory", lambda: 2 * need)
     other = GPT(model.config)  # prepare() decides once per model (cached): ask for another one
     other.load_state_dict(model.state_dict(), assign=True)
@@ -318,7 +349,7 @@ def test_packing_is_skipped_when_the_copy_does_not_fit(model, two_threads, monke
         prepare(model, pack_weights=True, quantize="int8")
 
 
-def test_lean_step_equals_the_modules(model, two_threads):
+def test_lean_step_equals_the_modules(model, two_threads, kernels):
     lean, plain = prepare(model), prepare(model, cpu_kernels=False)
     assert isinstance(lean._lean, fast.LeanStep) and plain._lean is None
     # shared slots (one row; two equal-length rows: no mask) and ragged rows (per-row slots, a mask),
@@ -371,13 +402,16 @@ def test_lean_step_in_bf16_equals_the_modules(model, two_threads):
         torch.testing.assert_close(la, lb, rtol=2e-2, atol=2e-2)  # bf16 logits: 8 mantissa bits
 
 
-def test_lean_step_with_unsplit_layers_and_no_leak(two_threads):
-    # vocab 127 does not split into 2 blocks: the head stays F.linear inside the lean step
+def test_lean_step_with_unsplit_layers_and_no_leak(two_threads, kernels):
+    # vocab 127 does not split into 2 blocks: the head stays F.linear inside the lean step (torch
+    # kernels) or is one block on the C kernel
     torch.manual_seed(2)
     cfg = GPTConfig(vocab_size=127, n_layer=2, n_head=4, d_model=32, max_seq_len=64, dropout=0.0, attn_dropout=0.0)
     odd = GPT(cfg).eval()
     lean = prepare(odd, pack_weights=False)
-    assert type(lean.module.head).__name__ == "TiedHead" and isinstance(lean._lean, fast.LeanStep)
+    head = lean.module.head
+    assert isinstance(lean._lean, fast.LeanStep)
+    assert type(head).__name__ == "TiedHead" if kernels is None else (head.chunks, head.kernel) == (1, kernels)
     plain = prepare(odd, cpu_kernels=False)
     assert_same(trace(lean, PROMPTS, max_new_tokens=6), trace(plain, PROMPTS, max_new_tokens=6))
     packed = prepare(odd)  # packed: one-row inputs of the head on its packed copy too
@@ -387,12 +421,12 @@ def test_lean_step_with_unsplit_layers_and_no_leak(two_threads):
     del packed
     # the cached prepared copies never keep a dropped model's weights alive
     weight, view_ref = weakref.ref(odd.tok_emb.weight), weakref.ref(lean.module)
-    del odd, lean, plain
+    del odd, lean, plain, head
     gc.collect()
     assert weight() is None and view_ref() is None
 
 
-def test_generation_with_chunked_layers_equals_plain_layers(model, two_threads):
+def test_generation_with_chunked_layers_equals_plain_layers(model, two_threads, kernels):
     rows = [PROMPTS[0], PROMPTS[1][:3]]
     assert_same(trace(model, rows), trace(prepare(model, cpu_kernels=False), rows))
     assert generation.generate(model, rows, max_new_tokens=12) == generation.generate(

@@ -472,8 +472,10 @@ def test_serve_cli_serves_a_saved_model_directory(model, reference, tmp_path):
     finally:
         out = stop_cli_server(proc)
     assert f"Uvicorn running on {url}" in out
-    # OMP_NUM_THREADS=1: packed weights (the default where the copy fits), no chunked GEMVs
-    assert re.search(r"serving tiny: cpu float32, oneDNN-packed weights \(a \d+ KiB copy\), flat decode step, "
+    # OMP_NUM_THREADS=1: packed weights (the default where the copy fits), no chunked GEMVs; few rows
+    # on the C kernel where it builds
+    assert re.search(r"serving tiny: cpu float32, oneDNN-packed weights \(a \d+ KiB copy(; 1-3 rows: gpt3zh's C "
+                     r"kernel over 1 thread)?\)(, C kernel unavailable: .*?)?, flat decode step, "
                      r"4 rows x 512 slots", out), out
     assert "(gpt3zh format, hf tokenizer)" in out
 

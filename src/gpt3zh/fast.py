@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ckernel
 from .model import GPT, TiedHead
 from .quantize import Int8DynamicLinear
 
@@ -62,7 +63,7 @@ class PackedLinear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = PACK_ROWS,
-                 chunks: int = 0) -> None:
+                 chunks: int = 0, kernel: ckernel.Kernel | None = None) -> None:
         super().__init__()
         if not can_pack(weight.dtype) or weight.device.type != "cpu":
             raise ValueError(f"oneDNN does not run {weight.dtype} linear layers on this {weight.device.type}")
@@ -70,6 +71,7 @@ class PackedLinear(nn.Module):
             raise ValueError(f"{weight.shape[0]} output features do not split into {chunks} equal blocks")
         self.weight, self.bias = weight, bias  # the original Parameters, shared
         self.rows, self.chunks = rows, chunks if chunks > 1 else 0
+        self.kernel = kernel if weight.dtype == torch.float32 else None
         self._pack()
 
     def _pack(self) -> None:
@@ -77,6 +79,8 @@ class PackedLinear(nn.Module):
         self._packed_from = (w.data_ptr(), w._version, None if b is None else b.data_ptr())
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.rows)
         self._b = None if b is None else b.detach()
+        # few rows read the original weight through the C kernel (it needs it contiguous)
+        self._wk = w.detach() if self.kernel is not None and w.is_contiguous() else None
         if k:  # views of the current tensors, as ChunkedLinear's
             self._w = w.detach().view(k, -1, w.shape[1]).transpose(1, 2)
             self._bc = None if b is None else b.detach().view(k, 1, -1)
@@ -90,7 +94,10 @@ class PackedLinear(nn.Module):
         w, b = self.weight, self.bias
         if (w.data_ptr(), w._version, None if b is None else b.data_ptr()) != self._packed_from:
             self._pack()
-        if self.chunks and x.numel() == x.shape[-1]:
+        n_in = x.shape[-1]
+        if self._wk is not None and x.numel() <= ckernel.MAX_ROWS * n_in and x.dtype == torch.float32:
+            return self.kernel.run(x.reshape(-1, n_in), self._wk, self._b).view(*x.shape[:-1], -1)
+        if self.chunks and x.numel() == n_in:
             return _gemv(x.reshape(1, -1), self._w, self._bc, self.chunks).view(*x.shape[:-1], -1)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self._b, "none", [], "")
 
@@ -100,20 +107,22 @@ class PackedLinear(nn.Module):
         return self.run(x)
 
     def extra_repr(self) -> str:
-        one = f", one row as {self.chunks} GEMVs" if self.chunks else ""
+        one = (f", 1-{ckernel.MAX_ROWS} rows by the C kernel" if self._wk is not None else
+               f", one row as {self.chunks} GEMVs" if self.chunks else "")
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, packed for {self.rows} rows{one}"
 
 
-def pack_layers(model: GPT, chunks: int = 0, rows: int = PACK_ROWS) -> int:
+def pack_layers(model: GPT, chunks: int = 0, rows: int = PACK_ROWS, kernel: ckernel.Kernel | None = None) -> int:
     """Swap, in place, every plain nn.Linear and the tied head for PackedLinear over the same
-    tensors (plus the packed copies); return the bytes those copies take. chunks > 1: float32
-    layers whose outputs split into `chunks` blocks run one-row inputs as chunked GEMVs. Other
-    layer types (int8, tensor-parallel, chunked) are left as they are."""
+    tensors (plus the packed copies); return the bytes those copies take. float32 layers run inputs
+    of 1-ckernel.MAX_ROWS rows through `kernel` (gpt3zh's C kernel) when given, else, chunks > 1 and
+    the outputs split into `chunks` blocks, one-row inputs as chunked GEMVs. Other layer types
+    (int8, tensor-parallel, chunked) are left as they are."""
     copied = 0
     for parent, name, child in _packable(model):
         w = child.weight
         k = chunks if w.dtype == torch.float32 and chunks > 1 and w.shape[0] % chunks == 0 else 0
-        layer = PackedLinear(w, getattr(child, "bias", None), rows, k)
+        layer = PackedLinear(w, getattr(child, "bias", None), rows, k, kernel)
         setattr(parent, name, layer)
         copied += layer.packed_bytes
     return copied
@@ -128,7 +137,8 @@ def packable_bytes(model: GPT) -> int:
 
 
 def _packable(model: GPT) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, name, layer) of every plain nn.Linear and tied head: what pack_layers swaps."""
+    """(parent, name, layer) of every plain nn.Linear and tied head: what pack_layers and
+    chunk_layers swap."""
     return [(parent, name, child) for parent in list(model.modules()) for name, child in parent.named_children()
             if type(child) in (nn.Linear, TiedHead) and type(child.weight.data) is torch.Tensor]
 
@@ -144,7 +154,7 @@ class ChunkedLinear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, chunks: int,
-                 max_rows: int = CHUNKED_MAX_ROWS) -> None:
+                 max_rows: int = CHUNKED_MAX_ROWS, kernel: ckernel.Kernel | None = None) -> None:
         super().__init__()
         if weight.shape[0] % chunks:
             raise ValueError(f"{weight.shape[0]} output features do not split into {chunks} equal blocks")
@@ -154,32 +164,47 @@ class ChunkedLinear(nn.Module):
         # they share the parameters' storage, so in-place weight updates show.
         self._w = weight.detach().view(chunks, -1, weight.shape[1]).transpose(1, 2)  # (k, in, out/k)
         self._b = None if bias is None else bias.detach().view(chunks, 1, -1)  # (k, 1, out/k)
+        # 1-ckernel.MAX_ROWS rows through gpt3zh's C kernel, when given (float32, contiguous weight)
+        ok = kernel is not None and weight.dtype == torch.float32 and weight.is_contiguous()
+        self.kernel = kernel if ok else None
+        self._wk = weight.detach() if ok else None
+        self._bk = None if bias is None or not ok else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        return self.run(x)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out), no gradients."""
         n_in = x.shape[-1]
         rows = x.numel() // n_in
-        if rows > self.max_rows or (torch.is_grad_enabled() and self.weight.requires_grad):
+        if rows > self.max_rows:
             return F.linear(x, self.weight, self.bias)
+        if self.kernel is not None and rows <= ckernel.MAX_ROWS and x.dtype == torch.float32:
+            return self.kernel.run(x.reshape(rows, n_in), self._wk, self._bk).view(*x.shape[:-1], -1)
         return _gemv(x.reshape(rows, n_in), self._w, self._b, self.chunks).view(*x.shape[:-1], -1)
 
     def extra_repr(self) -> str:
-        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, chunks={self.chunks}, max_rows={self.max_rows}"
+        k = f", 1-{ckernel.MAX_ROWS} rows by the C kernel" if self.kernel is not None else ""
+        return (f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, chunks={self.chunks}, "
+                f"max_rows={self.max_rows}{k}")
 
 
-def chunk_layers(model: GPT, chunks: int) -> int:
+def chunk_layers(model: GPT, chunks: int, kernel: ckernel.Kernel | None = None) -> int:
     """Swap, in place, every plain nn.Linear (out features divisible by `chunks`) and the tied head
-    (vocab divisible) for ChunkedLinear over the same tensors; return how many were swapped.
+    (vocab divisible) for ChunkedLinear over the same tensors; return how many were swapped. With
+    `kernel` (gpt3zh's C kernel, float32) every such layer is swapped and runs 1-ckernel.MAX_ROWS
+    rows through it (a layer that does not split runs the other few-row inputs as one block).
 
     Other layer types (int8, tensor-parallel) are left as they are.
     """
     swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            plain = type(child) is nn.Linear and type(child.weight.data) is torch.Tensor
-            tied = type(child) is TiedHead and type(child.weight.data) is torch.Tensor
-            if (plain or tied) and child.weight.shape[0] % chunks == 0:
-                setattr(parent, name, ChunkedLinear(child.weight, getattr(child, "bias", None), chunks))
-                swapped += 1
+    for parent, name, child in _packable(model):
+        k = chunks if child.weight.shape[0] % chunks == 0 else 1 if kernel is not None else 0
+        if k:
+            setattr(parent, name, ChunkedLinear(child.weight, getattr(child, "bias", None), k, kernel=kernel))
+            swapped += 1
     return swapped
 
 
@@ -230,14 +255,15 @@ class LeanStep:
 
 def _layer_args(layer: nn.Module) -> tuple:
     """(weight, bias, chunks) for _gemv: a ChunkedLinear's block views (chunks > 0), an nn.Linear's
-    or the tied head's own tensors (0), a dynamic int8 layer (-2), a packed layer (-3), or any other
+    or the tied head's own tensors (0), a dynamic int8 layer (-2), a packed layer or a chunked one with
+    the C kernel (-3: its `run`), or any other
     layer as a module to call (-1)."""
     if type(layer) is PackedLinear:
         return layer, None, -3
     if type(layer) is Int8DynamicLinear:
         return layer, None, -2
     if type(layer) is ChunkedLinear:
-        return layer._w, layer._b, layer.chunks
+        return (layer, None, -3) if layer.kernel is not None else (layer._w, layer._b, layer.chunks)
     if type(layer) is nn.Linear:
         return layer.weight, layer.bias, 0
     if type(layer) is TiedHead:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from . import fast
+from . import ckernel, fast
 from .config import InferenceOptions
 from .model import GPT
 from .quantize import Int8DynamicLinear, is_quantized, quantize_int8, quantize_int8_dynamic, scheme
@@ -159,7 +159,8 @@ def prepare(model: GPT | InferenceModel, options: InferenceOptions | None = None
         raise TypeError(f"prepare() takes a gpt3zh GPT (or an InferenceModel), got {type(model).__name__}")
     threads = torch.get_num_threads()
     copies = _needs_copy(model, options)
-    key = (options, threads, _weights_version(model, with_updates=copies))
+    kernel = model.tok_emb.weight.device.type == "cpu" and ckernel.load() is not None  # (cached)
+    key = (options, threads, kernel, _weights_version(model, with_updates=copies))
     cached = _PREPARED.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -212,14 +213,19 @@ def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) ->
         raise ValueError("cpu_kernels=True needs a CPU model and compile=False")
     step = "compiled" if options.compile else "modules"
     if cpu and options.cpu_kernels is not False:
-        packed = _pack(module, options.pack_weights, threads)
+        kernel = ckernel.load() if w.dtype == torch.float32 else None
+        packed = _pack(module, options.pack_weights, threads, kernel)
+        few = f"1-{ckernel.MAX_ROWS} rows: gpt3zh's C kernel over {threads} thread{'s' * (threads > 1)}"
         if packed:
-            one_row = any(getattr(m, "chunks", 0) for m in module.modules() if isinstance(m, fast.PackedLinear))
-            parts.append(f"oneDNN-packed weights (a {human_bytes(packed)} copy"
-                         + (f"; one row: chunked GEMV over {threads} threads)" if one_row else ")"))
-        elif threads > 1 and fast.chunk_layers(module, threads):
-            parts.append(f"chunked GEMV over {threads} threads")
-        if packed or threads > 1:
+            layers = [m for m in module.modules() if isinstance(m, fast.PackedLinear)]
+            rows = (few if any(m._wk is not None for m in layers) else
+                    f"one row: chunked GEMV over {threads} threads" if any(m.chunks for m in layers) else "")
+            parts.append(f"oneDNN-packed weights (a {human_bytes(packed)} copy" + (f"; {rows})" if rows else ")"))
+        elif (threads > 1 or kernel is not None) and fast.chunk_layers(module, threads, kernel):
+            parts.append(few if kernel is not None else f"chunked GEMV over {threads} threads")
+        if w.dtype == torch.float32 and kernel is None:
+            parts.append(f"C kernel unavailable: {ckernel.unavailable()}")
+        if packed or threads > 1 or kernel is not None:
             step = "lean"
     elif options.pack_weights:
         raise ValueError("pack_weights=True needs a CPU model with compile=False")
@@ -228,7 +234,7 @@ def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) ->
     return InferenceModel(module, options, tuple(parts), step)
 
 
-def _pack(module: GPT, wanted: bool | None, threads: int) -> int:
+def _pack(module: GPT, wanted: bool | None, threads: int, kernel: ckernel.Kernel | None) -> int:
     """Pack `module`'s plain linear layers for oneDNN when `wanted` (None: when the copy fits in half
     the available memory); the bytes copied (0: not packed)."""
     need = fast.packable_bytes(module)
@@ -240,7 +246,7 @@ def _pack(module: GPT, wanted: bool | None, threads: int) -> int:
                f"bfloat16 needs AVX-512)" if not fast.can_pack(dtype) else
                "the model has no plain linear layers to pack (int8 or tensor-parallel layers run as they are)")
         raise ValueError(f"pack_weights=True: {why}")
-    return fast.pack_layers(module, chunks=threads)
+    return fast.pack_layers(module, chunks=threads, kernel=kernel)
 
 
 def human_bytes(n: int) -> str:

@@ -1,0 +1,229 @@
+"""The few-row float32 linear kernel (kernels/linear_f32.c), compiled on first use.
+
+For one to MAX_ROWS input rows, `linear(x, weight, bias)` streams the weight once at close to the
+machine's read bandwidth (see the C file). It is built with the machine's C compiler (`$CC`, else
+`cc`) as `-O3 -march=native -fopenmp`, linked against the OpenMP runtime torch has loaded (one
+thread pool for both), checked against F.linear once, and cached under
+`$GPT3ZH_CACHE_DIR/kernels` (default `$XDG_CACHE_HOME/gpt3zh`, `~/.cache/gpt3zh`), keyed by the
+source, compiler, flags, runtime and CPU. Where any of that is missing (no compiler, no OpenMP
+runtime in torch, not Linux, a failed build or check) `load()` returns None and `unavailable()`
+says why; callers then keep torch's own kernels. `GPT3ZH_CKERNEL=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+MAX_ROWS = 3  # above this many rows oneDNN's packed inner product is as fast (base preset, 4 rows)
+ABI = 1
+FLAGS = ("-O3", "-march=native", "-fPIC", "-fopenmp")
+_OMP = re.compile(r"/lib(gomp|iomp5|omp)[-.][^/]*\.so[^/]*$|/lib(gomp|iomp5|omp)\.so[^/]*$")
+
+_reason = ""
+
+
+class Kernel:
+    """The loaded library; `linear` calls it."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        if lib.gpt3zh_kernel_abi() != ABI:
+            raise OSError(f"{path}: built for another kernel ABI")
+        fn = lib.gpt3zh_linear_f32
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        self.path, self._lib, self._fn = path, lib, fn
+
+    # one loaded library per process: copies of a module holding it share it, a pickle reloads it
+    def __deepcopy__(self, memo: dict) -> Kernel:
+        return self
+
+    def __copy__(self) -> Kernel:
+        return self
+
+    def __reduce__(self):
+        return _reload, ()
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               threads: int | None = None) -> torch.Tensor:
+        """x (rows, in) @ weight (out, in).T + bias, rows <= MAX_ROWS; float32 CPU tensors, weight
+        contiguous, x's rows contiguous (checked: the kernel reads raw pointers)."""
+        rows, n = x.shape
+        m = weight.shape[0]
+        if not (0 < rows <= MAX_ROWS and x.dtype == weight.dtype == torch.float32 and x.stride(1) == 1
+                and weight.is_contiguous() and weight.shape[1] == n and x.device.type == "cpu"
+                and weight.device.type == "cpu" and (bias is None or (bias.is_contiguous() and bias.shape == (m,)
+                                                                      and bias.dtype == torch.float32))):
+            raise ValueError(f"ckernel.linear: float32 CPU x (1-{MAX_ROWS}, {n}) with contiguous rows and a "
+                             f"contiguous weight (out, {n}) expected, got x {tuple(x.shape)} {x.dtype} strides "
+                             f"{x.stride()}, weight {tuple(weight.shape)} {weight.dtype}")
+        return self.run(x, weight, bias, threads)
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+            threads: int | None = None) -> torch.Tensor:
+        """`linear` for callers that hold a float32 contiguous weight and bias (checked once, by
+        them): only x's row layout is checked here."""
+        if x.stride(-1) != 1 or x.dtype != torch.float32:
+            x = x.contiguous().float()
+        rows, m = x.shape[0], weight.shape[0]
+        y = torch.empty(rows, m, dtype=torch.float32)
+        if self._fn(weight.data_ptr(), x.data_ptr(), x.stride(0), None if bias is None else bias.data_ptr(),
+                    y.data_ptr(), m, weight.shape[1], rows, torch.get_num_threads() if threads is None else threads):
+            raise ValueError(f"ckernel: {rows} rows; the kernel takes 1-{MAX_ROWS}")
+        return y
+
+
+def load() -> Kernel | None:
+    """The kernel, built or taken from the cache on first call; None when it cannot be had here."""
+    return _load()
+
+
+def _reload() -> Kernel:
+    kernel = load()
+    if kernel is None:
+        raise RuntimeError(f"gpt3zh's C kernel is unavailable in this process: {unavailable()}")
+    return kernel
+
+
+def unavailable() -> str:
+    """Why load() gives None ('' when the kernel is loaded or not yet tried)."""
+    return _reason
+
+
+@functools.cache
+def _load() -> Kernel | None:
+    global _reason
+    try:
+        return _build_and_load()
+    except _Unavailable as e:
+        _reason = str(e)
+        return None
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def _omp_runtimes() -> list[str]:
+    """The OpenMP runtime libraries mapped into this process (Linux)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[-1].strip() for line in f if ".so" in line}
+    except OSError:
+        return []
+    return sorted({os.path.realpath(p) for p in paths if _OMP.search(p)})
+
+
+def _build_and_load() -> Kernel:
+    if os.environ.get("GPT3ZH_CKERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
+        raise _Unavailable("turned off by GPT3ZH_CKERNEL=0")
+    if not sys.platform.startswith("linux"):
+        raise _Unavailable(f"built on Linux only (this is {sys.platform})")
+    torch.get_num_threads()  # torch's OpenMP runtime is loaded with libtorch_cpu
+    runtimes = _omp_runtimes()
+    if len(runtimes) != 1:
+        raise _Unavailable("torch's OpenMP runtime not found in this process" if not runtimes else
+                           f"{len(runtimes)} OpenMP runtimes loaded ({', '.join(runtimes)}); a third would compete")
+    runtime = runtimes[0]
+    cc = os.environ.get("CC") or "cc"
+    compiler = shutil.which(cc)
+    if compiler is None:
+        raise _Unavailable(f"no C compiler: {cc!r} is not on PATH (set CC)")
+    source = resources.files("gpt3zh").joinpath("kernels/linear_f32.c").read_bytes()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise _Unavailable(f"{compiler} --version failed: {e}") from None
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), runtime.encode(),
+                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:20]
+    cache = _cache_dir()
+    target = cache / f"linear_f32-{key}.so"
+    kernel = None
+    if target.exists():
+        try:
+            kernel = Kernel(target)
+        except OSError:  # a damaged cache entry (truncated, another ABI): built again below
+            pass
+    if kernel is None:
+        _compile(compiler, source, runtime, target)
+        try:
+            kernel = Kernel(target)
+        except OSError as e:
+            raise _Unavailable(f"cannot load {target}: {e}") from None
+    if len(_omp_runtimes()) != 1:
+        raise _Unavailable(f"{target} brought a second OpenMP runtime ({', '.join(_omp_runtimes())})")
+    _self_check(kernel)
+    return kernel
+
+
+def _compile(compiler: str, source: bytes, runtime: str, target: Path) -> None:
+    """Build into a temporary directory next to `target`, then rename: a concurrent or failed
+    build never leaves a partial library under the final name."""
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        src, obj, lib = Path(tmp, "linear_f32.c"), Path(tmp, "linear_f32.o"), Path(tmp, "lib.so")
+        src.write_bytes(source)
+        steps = ([compiler, *FLAGS, "-c", str(src), "-o", str(obj)],
+                 [compiler, "-shared", str(obj), runtime, f"-Wl,-rpath,{Path(runtime).parent}", "-o", str(lib)])
+        for cmd in steps:
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.SubprocessError) as e:
+                raise _Unavailable(f"{' '.join(cmd)}: {e}") from None
+            if done.returncode:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+                raise _Unavailable(f"{' '.join(cmd)} failed (exit {done.returncode}): {' | '.join(tail)}")
+        os.replace(lib, target)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GPT3ZH_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "gpt3zh")
+    d = Path(root, "kernels")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=d, prefix=".probe-")
+        probe.close()
+    except OSError:
+        d = Path(tempfile.mkdtemp(prefix="gpt3zh-kernels-"))
+    return d
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (-march=native builds for them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _self_check(kernel: Kernel) -> None:
+    """The built kernel against F.linear on odd shapes (tails, bias, every row count, 1 and 2 threads)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(131, 77, generator=g)
+    b = torch.randn(131, generator=g)
+    for rows in range(1, MAX_ROWS + 1):
+        x = torch.randn(rows, 90, generator=g)[:, 5:82]  # row stride 90, not 77
+        for threads in (1, 2):
+            got, want = kernel.linear(x, w, b, threads), F.linear(x, w, b)
+            if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+                raise _Unavailable(f"{kernel.path} failed its check against F.linear "
+                                   f"(rows {rows}, max error {(got - want).abs().max().item():.3g})")

@@ -1,0 +1,131 @@
+"""gpt3zh's C kernel (gpt3zh.ckernel, kernels/linear_f32.c): equal to F.linear on every shape it
+takes, built once and cached, and every way it can be missing gives a reason and torch's kernels."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt3zh import ckernel
+
+HAVE_CC = shutil.which(os.environ.get("CC") or "cc") is not None
+
+
+@pytest.fixture
+def kernel():
+    k = ckernel.load()
+    if k is None:
+        pytest.skip(f"the C kernel does not build here: {ckernel.unavailable()}")
+    return k
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A load() that builds again, into an empty cache under tmp_path; the process's own kernel is
+    restored afterwards."""
+    monkeypatch.setenv("GPT3ZH_CACHE_DIR", str(tmp_path))
+    ckernel._load.cache_clear()
+    yield tmp_path
+    monkeypatch.undo()
+    ckernel._load.cache_clear()
+
+
+@pytest.mark.skipif(not (HAVE_CC and sys.platform.startswith("linux")), reason="needs Linux and a C compiler")
+def test_the_kernel_builds_where_there_is_a_compiler():
+    assert ckernel.load() is not None, ckernel.unavailable()
+    assert ckernel.unavailable() == ""
+    assert len(ckernel._omp_runtimes()) == 1  # torch's own OpenMP runtime, shared
+
+
+@pytest.mark.parametrize("m, n", [(2304, 768), (768, 3072), (131, 77), (63, 40), (5, 16), (64, 31), (1, 1)])
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_equals_f_linear(kernel, m, n, rows):
+    g = torch.Generator().manual_seed(m * 7 + n + rows)
+    w, b = torch.randn(m, n, generator=g), torch.randn(m, generator=g)
+    x = torch.randn(rows, n + 9, generator=g)[:, 4:4 + n]  # rows strided n + 9 apart
+    for threads in (1, 2, 3):
+        for bias in (b, None):
+            got, want = kernel.linear(x, w, bias, threads), F.linear(x, w, bias)
+            assert got.shape == (rows, m) and got.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * n ** 0.5)
+    # the default thread count is torch's; a weight updated in place is read as it is now
+    torch.testing.assert_close(kernel.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5 * n ** 0.5)
+    w.mul_(-2)
+    torch.testing.assert_close(kernel.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5 * n ** 0.5)
+
+
+def test_bad_inputs_are_refused_before_the_kernel_reads_them(kernel):
+    w, x = torch.randn(8, 16), torch.randn(1, 16)
+    bad = {
+        "too many rows": (torch.randn(ckernel.MAX_ROWS + 1, 16), w, None),
+        "float64 input": (x.double(), w, None),
+        "bfloat16 weight": (x, w.bfloat16(), None),
+        "a transposed weight": (x, torch.randn(16, 8).t(), None),
+        "in features differ": (torch.randn(1, 15), w, None),
+        "bias of the wrong length": (x, w, torch.randn(7)),
+        "columns not contiguous": (torch.randn(1, 32)[:, ::2], w, None),
+    }
+    for what, (xi, wi, bi) in bad.items():
+        with pytest.raises(ValueError, match=r"ckernel.linear: float32 CPU x \(1-3, \d+\)") as e:
+            kernel.linear(xi, wi, bi)
+        assert str(tuple(xi.shape)) in str(e.value), what
+    with pytest.raises(ValueError, match="5 rows; the kernel takes 1-3"):  # the C side checks too
+        kernel.run(torch.randn(5, 16), w)
+
+
+def test_copies_share_the_kernel_and_a_pickle_reloads_it(kernel):
+    import copy
+    import pickle
+
+    assert copy.deepcopy(kernel) is kernel and copy.copy(kernel) is kernel
+    assert pickle.loads(pickle.dumps(kernel)) is kernel
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="needs a C compiler")
+def test_built_once_then_loaded_from_the_cache(fresh):
+    code = ("import sys, torch; from gpt3zh import ckernel; k = ckernel.load(); "
+            "print(k.path if k else 'NONE ' + ckernel.unavailable())")
+    env = {**os.environ, "GPT3ZH_CACHE_DIR": str(fresh)}
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    path = first.stdout.strip()
+    assert path.startswith(str(fresh / "kernels")) and path.endswith(".so"), first.stdout + first.stderr
+    stamp = os.stat(path).st_mtime_ns
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert second.stdout.strip() == path and os.stat(path).st_mtime_ns == stamp  # not built again
+    assert [p.name for p in (fresh / "kernels").iterdir()] == [os.path.basename(path)]  # no build leftovers
+    # a damaged cache entry (a truncated library) is built again, not used and not fatal
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    third = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert third.stdout.strip() == path and os.path.getsize(path) > 100
+
+
+@pytest.mark.parametrize("setting, reason", [
+    ({"GPT3ZH_CKERNEL": "0"}, "turned off by GPT3ZH_CKERNEL=0"),
+    ({"CC": "/nonexistent/cc"}, "no C compiler: '/nonexistent/cc' is not on PATH (set CC)"),
+    ({"CC": "false"}, "linear_f32.c -o "),  # a "compiler" that fails: the command and its exit status
+])
+def test_unavailable_says_why(fresh, monkeypatch, setting, reason):
+    for k, v in setting.items():
+        monkeypatch.setenv(k, v)
+    assert ckernel.load() is None
+    assert reason in ckernel.unavailable()
+    if setting.get("CC") == "false":
+        assert ckernel.unavailable().endswith("failed (exit 1): ")
+    assert not list(fresh.glob("kernels/*"))  # nothing built, nothing left
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="needs a C compiler")
+def test_a_failed_build_leaves_nothing_behind(fresh, monkeypatch, tmp_path):
+    cc = tmp_path / "badcc"
+    cc.write_text("#!/bin/sh\nfor a; do case $a in --version) echo badcc 1.0; exit 0;; esac; done\n"
+                  "echo 'badcc: error: out of cheese' >&2; exit 3\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    assert ckernel.load() is None
+    assert "failed (exit 3): badcc: error: out of cheese" in ckernel.unavailable()
+    assert list((fresh / "kernels").iterdir()) == []  # no partial library, no build directory
