@@ -40,6 +40,7 @@ import torch
 from _timing import interleaved
 from fast_cpu import agreement, gpt3zh_greedy, hf_from_model, hf_greedy
 
+from gpt3zh import hugepages
 from gpt3zh.config import PRESETS, GPTConfig
 from gpt3zh.inference import prepare
 from gpt3zh.model import GPT
@@ -107,12 +108,17 @@ ENGINES = {  # name: (bytes per weight, the reference its tokens are compared wi
 }
 
 
-def _load_gpt(cfg: GPTConfig, weights: str) -> GPT:
+def _load_gpt(cfg: GPTConfig, weights: str, huge_pages: bool = False) -> GPT:
+    """The model from the safetensors file; huge_pages: its weights placed as gpt3zh's
+    load_pretrained places them for the CPU (gpt3zh.hugepages)."""
     from safetensors.torch import load_file
 
+    tensors = load_file(weights)
+    if huge_pages:
+        hugepages.place(tensors)
     with torch.device("meta"):
         model = GPT(cfg)
-    model.load_state_dict(load_file(weights), assign=True)
+    model.load_state_dict(tensors, assign=True)
     return model.eval()
 
 
@@ -125,7 +131,7 @@ def _engine(name: str, cfg: GPTConfig, weights: str, ct2_dirs: dict, threads: in
         ct = "float32" if name.endswith("fp32") else "int8"
         gen = ctranslate2.Generator(ct2_dirs[ct], device="cpu", compute_type=ct, intra_threads=threads)
         return lambda p, n: ct2_greedy(gen, p, n), ""
-    model = _load_gpt(cfg, weights)
+    model = _load_gpt(cfg, weights, huge_pages=name.startswith("gpt3zh"))
     if name == "transformers fp32":
         hf = hf_from_model(model)
         del model

@@ -22,9 +22,9 @@ import time
 
 import torch
 from _timing import interleaved
+from fast_cpu import gpt3zh_greedy as new_tokens
 
 import gpt3zh
-from fast_cpu import gpt3zh_greedy as new_tokens
 from gpt3zh.config import PRESETS
 from gpt3zh.inference import InferenceModel, prepare
 from gpt3zh.model import GPT

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .. import hugepages
 from ..config import GenerationDefaults, GPTConfig
 from ..hub import resolve_model
 from ..model import GPT
@@ -175,6 +176,8 @@ def load_pretrained(path: PathLike, device: str | torch.device = "cpu",
     fmt = formats.detect(d)
     cfg, gen = fmt.read_config(d)
     sd = fmt.read_weights(d, cfg, as_dtype(dtype))  # names and shapes checked against cfg
+    if torch.device(device).type == "cpu":  # the weights CPU decoding streams: on huge pages where there are any
+        hugepages.place(sd)
     with torch.device("meta"):
         model = GPT(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
