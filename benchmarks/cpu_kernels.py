@@ -6,8 +6,10 @@ reads), per kernel, fp32 / bf16 / int8, to choose what gpt3zh's CPU paths run.
 All of a preset's matrices (4 per block + the head) in sequence, so they stream from memory as in
 a real step (one matrix alone may sit in L3). Kernels, each on its own copy of the weights:
 
-- fp32: `F.linear`; `chunked` (gpt3zh's `fast.ChunkedLinear`: bmm over per-thread row blocks);
-  oneDNN `torch.ops.mkldnn._linear_pointwise` with a prepacked weight;
+- fp32: `F.linear`; `chunked` (`fast.ChunkedLinear` without the C kernel: bmm over per-thread row
+  blocks); oneDNN `torch.ops.mkldnn._linear_pointwise` with a prepacked weight; gpt3zh's C kernel
+  (`gpt3zh.ckernel`, 1-3 rows) on these weights and on huge-page copies (`gpt3zh.hugepages`, as
+  `load_pretrained` places them), with a plain `sum` over those copies as their read reference;
 - bf16 (weights and activations): `F.linear` (oneDNN, AVX512-BF16 where the CPU has it); chunked;
 - int8 weight-only: `torch._weight_int8pack_mm` with fp32 and with bf16 activations;
 - int8 weights and activations, quantized at run time: fbgemm `quantized::linear_dynamic` (what
@@ -31,7 +33,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from gpt3zh import fast
+from gpt3zh import ckernel, fast, hugepages
 from gpt3zh.config import PRESETS
 from gpt3zh.quantize import Int8DynamicLinear, quantize_per_channel
 
@@ -50,12 +52,27 @@ def matrices(preset: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def fp32_kernels(ws, threads):
     chunked = [fast.ChunkedLinear(w, b, threads, max_rows=1 << 30) for w, b in ws]
     packed = [(torch.ops.mkldnn._reorder_linear_weight(w, None), b) for w, b in ws]
-    return {
+    out = {
         "fp32 F.linear": (lambda x: [F.linear(x[w.shape[1]], w, b) for w, b in ws], 4),
-        "fp32 chunked (gpt3zh)": (lambda x: [m(x[m.weight.shape[1]]) for m in chunked], 4),
+        "fp32 chunked": (lambda x: [m(x[m.weight.shape[1]]) for m in chunked], 4),
         "fp32 oneDNN packed": (lambda x: [torch.ops.mkldnn._linear_pointwise(x[w0.shape[1]], p, b, "none", [], "")
                                           for (p, b), (w0, _) in zip(packed, ws)], 4),
     }
+    kernel = ckernel.load()
+    if kernel is None:
+        print(f"# gpt3zh's C kernel: unavailable ({ckernel.unavailable()})")
+        return out
+    # the C kernel on these tensors (4 KiB pages), and on copies placed as load_pretrained places them
+    flat = {f"w{i}": w for i, (w, _) in enumerate(ws)}
+    huge = [(hugepages.place(dict(flat))[f"w{i}"], b) for i, (_, b) in enumerate(ws)] if hugepages.enabled() else []
+    out[CK + ", 4 KiB pages"] = (lambda x: [kernel.run(x[w.shape[1]], w, b) for w, b in ws], 4)
+    if huge:
+        out[CK + ", huge pages (gpt3zh)"] = (lambda x: [kernel.run(x[w.shape[1]], w, b) for w, b in huge], 4)
+        out["(sum over the same huge-page weights)"] = (lambda x: [w.sum() for w, _ in huge], 4)
+    return out
+
+
+CK = "fp32 gpt3zh C kernel"  # 1-ckernel.MAX_ROWS rows only
 
 
 def bf16_kernels(ws, threads):
@@ -136,16 +153,17 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}  cpu capability {torch.backends.cpu.get_cpu_capability()}  "
           f"threads {args.threads}  preset {args.preset}: {len(ws)} matrices, {params / 1e6:.0f}M weights")
     for rows in args.rows:
+        todo = {k: v for k, v in kernels.items() if rows <= ckernel.MAX_ROWS or not k.startswith(CK)}
         g = torch.Generator().manual_seed(1)
         xs = {n: torch.randn(rows, n, generator=g) for n in {w.shape[1] for w, _ in ws}}
         xs.update({("bf16", n): x.bfloat16() for n, x in list(xs.items())})
-        times = time_all({**{k: lambda fn=fn, xs=xs: fn(xs) for k, (fn, _) in kernels.items()},
+        times = time_all({**{k: lambda fn=fn, xs=xs: fn(xs) for k, (fn, _) in todo.items()},
                           "memory read": lambda: buf.sum()}, args.runs)
         bandwidth = READ_BYTES / times.pop("memory read")
         print(f"\n## rows {rows}: memory read {bandwidth / 1e9:.1f} GB/s (sum over 512 MiB, same loop)")
         print("| kernel | ms per pass | weight GB/s | share of read bandwidth | vs fp32 chunked |")
         print("| --- | ---: | ---: | ---: | ---: |")
-        ref = times.get("fp32 chunked (gpt3zh)")
+        ref = times.get("fp32 chunked")
         for name, secs in times.items():
             gbs = params * kernels[name][1] / secs
             rel = f"{ref / secs:.2f}x" if ref else "-"

@@ -3,6 +3,7 @@ on the same random weights.
 
     .venv/bin/python benchmarks/cpu_peers.py --preset base --batch 1 8 --runs 5
     .venv/bin/python benchmarks/cpu_peers.py --preset 1.3B --batch 1 --new-tokens 32 --runs 5
+    .venv/bin/python benchmarks/cpu_peers.py --preset base --batch 1 --ablate   # what the C kernel and huge pages give
 
 Greedy, random prompts of --prompt-len tokens (equal lengths), exactly --new-tokens new tokens (no
 stop id) per sequence. transformers runs gpt3zh's HF layout (`GPT2LMHeadModel`, built in memory from
@@ -14,7 +15,8 @@ process, two OpenMP runtimes slow each other (after one CTranslate2 call, gpt3zh
 the same process stayed ~25% slower). One invocation drives them all, interleaved (run r of each
 before run r+1 of any) after a short warm-up, so load from other processes hits them all alike;
 medians are reported. A "memory read" entry in the same
-interleaved loop (`sum` over 512 MiB) measures the read bandwidth the engines had: each engine's
+interleaved loop (`sum` over 512 MiB, the best of 4 after a 0.2 s pause) measures the read
+bandwidth the engines had: each engine's
 weight bytes per decode step x steps per second is shown as a share of it (KV cache and activations
 not counted: a few percent at these lengths). Token agreement: fp32 engines against gpt3zh fp32
 (random weights have near-tied logits, so a single float rounding can flip a token: the prefix
@@ -31,7 +33,9 @@ from __future__ import annotations
 import argparse
 import gc
 import multiprocessing as mp
+import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -105,7 +109,12 @@ ENGINES = {  # name: (bytes per weight, the reference its tokens are compared wi
     "CTranslate2 fp32": (4, "gpt3zh fp32"),
     "CTranslate2 int8": (1, "CTranslate2 fp32"),
     "transformers fp32": (4, "gpt3zh fp32"),
+    # ablations (--ablate): gpt3zh fp32 without its C kernel (torch's kernels, as on a machine
+    # without a C compiler), and with the C kernel but the weights on 4 KiB pages
+    "gpt3zh fp32, torch kernels": (4, "gpt3zh fp32"),
+    "gpt3zh fp32, 4 KiB pages": (4, "gpt3zh fp32"),
 }
+ABLATIONS = ("gpt3zh fp32, torch kernels", "gpt3zh fp32, 4 KiB pages")
 
 
 def _load_gpt(cfg: GPTConfig, weights: str, huge_pages: bool = False) -> GPT:
@@ -131,12 +140,14 @@ def _engine(name: str, cfg: GPTConfig, weights: str, ct2_dirs: dict, threads: in
         ct = "float32" if name.endswith("fp32") else "int8"
         gen = ctranslate2.Generator(ct2_dirs[ct], device="cpu", compute_type=ct, intra_threads=threads)
         return lambda p, n: ct2_greedy(gen, p, n), ""
-    model = _load_gpt(cfg, weights, huge_pages=name.startswith("gpt3zh"))
+    if name == "gpt3zh fp32, torch kernels":
+        os.environ["GPT3ZH_CKERNEL"] = "0"  # (this worker process only)
+    model = _load_gpt(cfg, weights, huge_pages=name.startswith("gpt3zh") and name != "gpt3zh fp32, 4 KiB pages")
     if name == "transformers fp32":
         hf = hf_from_model(model)
         del model
         return lambda p, n: hf_greedy(hf, p, n), ""
-    options = {"gpt3zh fp32": {}, "gpt3zh int8": {"quantize": "int8"}, "gpt3zh bf16": {"dtype": "bfloat16"}}[name]
+    options = {"gpt3zh int8": {"quantize": "int8"}, "gpt3zh bf16": {"dtype": "bfloat16"}}.get(name, {})
     prepared = prepare(model, **options)
     del model  # the int8 / bf16 copies do not need the float32 linear weights (the fp32 view holds them)
     gc.collect()
@@ -195,9 +206,21 @@ def prepare_files(model: GPT, tmp: str) -> tuple[str, dict]:
 
 
 def mem_read(buf: torch.Tensor, passes: int = 4):
+    """The read-bandwidth probe: each round, after a pause that lets the engine just run go idle
+    (its threads spin for a while after a call), the fastest of `passes` sums over `buf`; returns
+    the list of those seconds, one per round (the median of it is reported)."""
+    best: list[float] = []
+
     def read(warmup=False):
+        time.sleep(0.2)
+        secs = []
         for _ in range(1 if warmup else passes):
+            t0 = time.perf_counter()
             buf.sum()
+            secs.append(time.perf_counter() - t0)
+        if not warmup:
+            best.append(min(secs))
+        return best
     return read
 
 
@@ -212,7 +235,10 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="also gpt3zh with dtype=bfloat16 (a cast copy)")
     ap.add_argument("--no-transformers", action="store_true",
                     help="leave transformers out (its Conv1D layout is a second float copy: for the 1.3B shape)")
-    ap.add_argument("--engines", nargs="+", choices=list(ENGINES), help="only these (default: all but bf16)")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also gpt3zh fp32 without its C kernel and with its weights on 4 KiB pages")
+    ap.add_argument("--engines", nargs="+", choices=list(ENGINES),
+                    help="only these (default: all but bf16 and the ablations)")
     args = ap.parse_args()
 
     import ctranslate2
@@ -222,6 +248,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = PRESETS[args.preset].replace(dropout=0.0, attn_dropout=0.0)
     names = args.engines or [n for n in ENGINES if (args.bf16 or n != "gpt3zh bf16") and
+                             (args.ablate or n not in ABLATIONS) and
                              not (args.no_transformers and n.startswith("transformers"))]
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {platform.processor() or platform.machine()}  "
           f"threads {args.threads}  torch {torch.__version__}  transformers {transformers.__version__}  "
@@ -260,11 +287,11 @@ def bind(worker: Worker, prompts: torch.Tensor, new: int):
 
 
 def report(results: dict, cfg: GPTConfig, batch: int, new: int) -> None:
-    read_s = results.pop("memory read")[0]
+    read_s = statistics.median(results.pop("memory read")[1])  # the probe's own best-of-passes times
     # (median seconds, last tokens); the time is interleaved()'s around the call to the worker (the
     # pipe adds well under a millisecond to runs of seconds)
     results = {name: (secs, out[1]) for name, (secs, out, _) in results.items()}
-    bandwidth = 4 * READ_BYTES / read_s
+    bandwidth = READ_BYTES / read_s
     print(f"# batch {batch}: memory read {bandwidth / 1e9:.1f} GB/s (sum over {READ_BYTES >> 20} MiB, same loop)")
     print("| impl | batch | median s | tok/s | vs CTranslate2 (same precision) | weight GB/s | share of read bandwidth "
           "| tokens equal |")

@@ -1,4 +1,4 @@
-"""gpt3zh's C kernel (gpt3zh.ckernel, kernels/linear_f32.c): equal to F.linear on every shape it
+"""gpt3zh's C kernel (gpt3zh.ckernel, kernels/linear.c): equal to F.linear on every shape it
 takes, built once and cached, and every way it can be missing gives a reason and torch's kernels."""
 
 import os
@@ -58,19 +58,39 @@ def test_equals_f_linear(kernel, m, n, rows):
     torch.testing.assert_close(kernel.linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5 * n ** 0.5)
 
 
+@pytest.mark.parametrize("m, n", [(3072, 768), (768, 3072), (131, 77), (63, 40), (1, 1)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_bfloat16_equals_float32_math_rounded_once(kernel, m, n, rows):
+    g = torch.Generator().manual_seed(m + n + rows)
+    w, b = torch.randn(m, n, generator=g).bfloat16(), torch.randn(m, generator=g).bfloat16()
+    x = torch.randn(rows, n + 3, generator=g).bfloat16()[:, 1:1 + n]
+    want = F.linear(x.float(), w.float(), b.float())  # the exact products of the bf16 values, summed in fp32
+    for threads in (1, 2):
+        got = kernel.linear(x, w, b, threads)
+        assert got.dtype == torch.bfloat16 and got.shape == (rows, m)
+        # one rounding to bf16 (half an ulp: 2^-9 relative) plus fp32 summation-order differences
+        torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-5 * n ** 0.5)
+    assert torch.equal(kernel.linear(x, w), kernel.linear(x.contiguous(), w))
+    nan = w.clone()
+    nan[0, 0] = float("nan")
+    assert kernel.linear(x, nan)[:, 0].isnan().all()  # NaN stays NaN through the rounding
+
+
 def test_bad_inputs_are_refused_before_the_kernel_reads_them(kernel):
     w, x = torch.randn(8, 16), torch.randn(1, 16)
     bad = {
         "too many rows": (torch.randn(ckernel.MAX_ROWS + 1, 16), w, None),
         "float64 input": (x.double(), w, None),
-        "bfloat16 weight": (x, w.bfloat16(), None),
+        "bfloat16 weight, float32 input": (x, w.bfloat16(), None),
+        "float16": (x.half(), w.half(), None),
+        "bfloat16 bias, float32 weight": (x, w, torch.randn(8).bfloat16()),
         "a transposed weight": (x, torch.randn(16, 8).t(), None),
         "in features differ": (torch.randn(1, 15), w, None),
         "bias of the wrong length": (x, w, torch.randn(7)),
         "columns not contiguous": (torch.randn(1, 32)[:, ::2], w, None),
     }
     for what, (xi, wi, bi) in bad.items():
-        with pytest.raises(ValueError, match=r"ckernel.linear: float32 CPU x \(1-3, \d+\)") as e:
+        with pytest.raises(ValueError, match=r"ckernel.linear: CPU x \(1-3, \d+\)") as e:
             kernel.linear(xi, wi, bi)
         assert str(tuple(xi.shape)) in str(e.value), what
     with pytest.raises(ValueError, match="5 rows; the kernel takes 1-3"):  # the C side checks too
@@ -107,7 +127,7 @@ def test_built_once_then_loaded_from_the_cache(fresh):
 @pytest.mark.parametrize("setting, reason", [
     ({"GPT3ZH_CKERNEL": "0"}, "turned off by GPT3ZH_CKERNEL=0"),
     ({"CC": "/nonexistent/cc"}, "no C compiler: '/nonexistent/cc' is not on PATH (set CC)"),
-    ({"CC": "false"}, "linear_f32.c -o "),  # a "compiler" that fails: the command and its exit status
+    ({"CC": "false"}, "linear.c -o "),  # a "compiler" that fails: the command and its exit status
 ])
 def test_unavailable_says_why(fresh, monkeypatch, setting, reason):
     for k, v in setting.items():

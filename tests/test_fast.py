@@ -390,13 +390,15 @@ def test_lean_step_equals_the_modules(model, two_threads, kernels):
         view.clear_kv_cache()
 
 
-def test_lean_step_in_bf16_equals_the_modules(model, two_threads):
+def test_lean_step_in_bf16_equals_the_modules(model, two_threads, kernels):
     lean, plain = prepare(model, dtype="bfloat16"), prepare(model, dtype="bfloat16", cpu_kernels=False)
-    if fast.can_pack(torch.bfloat16):  # oneDNN bf16 (AVX-512): packed, one-row inputs too
+    if fast.can_pack(torch.bfloat16):  # oneDNN bf16 (AVX-512): packed, one-row inputs too (or the C kernel)
         size = inference.human_bytes(fast.packable_bytes(model) // 2)  # bf16: half the fp32 bytes
-        assert lean.description == f"cpu bfloat16, oneDNN-packed weights (a {size} copy), flat decode step"
+        rows = "" if kernels is None else f"; {few_rows(kernels, 2)}"
+        assert lean.description == (f"cpu bfloat16, oneDNN-packed weights (a {size} copy{rows})"
+                                    f"{unavailable(kernels)}, flat decode step")
     else:
-        assert lean.description == "cpu bfloat16, chunked GEMV over 2 threads, flat decode step"
+        assert lean.description == f"cpu bfloat16, {few_rows(kernels, 2)}{unavailable(kernels)}, flat decode step"
     for (ta, la), (tb, lb) in zip(trace(lean, PROMPTS, max_new_tokens=8), trace(plain, PROMPTS, max_new_tokens=8)):
         assert ta == tb
         torch.testing.assert_close(la, lb, rtol=2e-2, atol=2e-2)  # bf16 logits: 8 mantissa bits

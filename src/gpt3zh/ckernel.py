@@ -1,8 +1,8 @@
-"""The few-row float32 linear kernel (kernels/linear_f32.c), compiled on first use.
+"""The few-row float32 / bfloat16 linear kernels (kernels/linear.c), compiled on first use.
 
 For one to MAX_ROWS input rows, `linear(x, weight, bias)` streams the weight once at close to the
-machine's read bandwidth (see the C file). It is built with the machine's C compiler (`$CC`, else
-`cc`) as `-O3 -march=native -fopenmp`, linked against the OpenMP runtime torch has loaded (one
+machine's read bandwidth (see the C file), in float32 or bfloat16. It is built with the machine's C
+compiler (`$CC`, else `cc`) as `-O3 -march=native -fopenmp`, linked against the OpenMP runtime torch has loaded (one
 thread pool for both), checked against F.linear once, and cached under
 `$GPT3ZH_CACHE_DIR/kernels` (default `$XDG_CACHE_HOME/gpt3zh`, `~/.cache/gpt3zh`), keyed by the
 source, compiler, flags, runtime and CPU. Where any of that is missing (no compiler, no OpenMP
@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -29,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 3  # above this many rows oneDNN's packed inner product is as fast (base preset, 4 rows)
-ABI = 1
+ABI = 2
+DTYPES = (torch.float32, torch.bfloat16)
 FLAGS = ("-O3", "-march=native", "-fPIC", "-fopenmp")
 _OMP = re.compile(r"/lib(gomp|iomp5|omp)[-.][^/]*\.so[^/]*$|/lib(gomp|iomp5|omp)\.so[^/]*$")
 
@@ -43,11 +45,14 @@ class Kernel:
         lib = ctypes.CDLL(str(path))
         if lib.gpt3zh_kernel_abi() != ABI:
             raise OSError(f"{path}: built for another kernel ABI")
-        fn = lib.gpt3zh_linear_f32
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        fn.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        self.path, self._lib, self._fn = path, lib, fn
+        self._fns = {}
+        for dtype, name in ((torch.float32, "gpt3zh_linear_f32"), (torch.bfloat16, "gpt3zh_linear_bf16")):
+            fn = getattr(lib, name)
+            fn.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            self._fns[dtype] = fn
+        self.path, self._lib = path, lib
 
     # one loaded library per process: copies of a module holding it share it, a pickle reloads it
     def __deepcopy__(self, memo: dict) -> Kernel:
@@ -61,30 +66,36 @@ class Kernel:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                threads: int | None = None) -> torch.Tensor:
-        """x (rows, in) @ weight (out, in).T + bias, rows <= MAX_ROWS; float32 CPU tensors, weight
-        contiguous, x's rows contiguous (checked: the kernel reads raw pointers)."""
-        rows, n = x.shape
+        """x (rows, in) @ weight (out, in).T + bias, rows <= MAX_ROWS; CPU tensors of one dtype
+        (float32 or bfloat16), weight and bias contiguous, x's rows contiguous (checked: the kernel
+        reads raw pointers)."""
+        rows, n = x.shape[0], x.shape[-1]
         m = weight.shape[0]
-        if not (0 < rows <= MAX_ROWS and x.dtype == weight.dtype == torch.float32 and x.stride(1) == 1
-                and weight.is_contiguous() and weight.shape[1] == n and x.device.type == "cpu"
-                and weight.device.type == "cpu" and (bias is None or (bias.is_contiguous() and bias.shape == (m,)
-                                                                      and bias.dtype == torch.float32))):
-            raise ValueError(f"ckernel.linear: float32 CPU x (1-{MAX_ROWS}, {n}) with contiguous rows and a "
-                             f"contiguous weight (out, {n}) expected, got x {tuple(x.shape)} {x.dtype} strides "
-                             f"{x.stride()}, weight {tuple(weight.shape)} {weight.dtype}")
+        if not (x.dim() == 2 and 0 < rows <= MAX_ROWS and x.dtype == weight.dtype and x.dtype in DTYPES
+                and x.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] == n
+                and x.device.type == "cpu" and weight.device.type == "cpu"
+                and (bias is None or (bias.is_contiguous() and bias.shape == (m,) and bias.dtype == x.dtype))):
+            raise ValueError(f"ckernel.linear: CPU x (1-{MAX_ROWS}, {n}) with contiguous rows, a contiguous "
+                             f"weight (out, {n}) and bias (out,), all float32 or all bfloat16, expected; got x "
+                             f"{tuple(x.shape)} {x.dtype} strides {x.stride()}, weight {tuple(weight.shape)} "
+                             f"{weight.dtype}, bias {None if bias is None else (tuple(bias.shape), bias.dtype)}")
         return self.run(x, weight, bias, threads)
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
             threads: int | None = None) -> torch.Tensor:
-        """`linear` for callers that hold a float32 contiguous weight and bias (checked once, by
-        them): only x's row layout is checked here."""
-        if x.stride(-1) != 1 or x.dtype != torch.float32:
-            x = x.contiguous().float()
+        """`linear` for callers that hold a contiguous float32 or bfloat16 weight and bias (checked
+        once, by them): only x's layout and dtype are made to match here."""
+        dtype = weight.dtype
+        if x.stride(-1) != 1 or x.dtype != dtype:
+            x = x.contiguous().to(dtype)
         rows, m = x.shape[0], weight.shape[0]
-        y = torch.empty(rows, m, dtype=torch.float32)
-        if self._fn(weight.data_ptr(), x.data_ptr(), x.stride(0), None if bias is None else bias.data_ptr(),
-                    y.data_ptr(), m, weight.shape[1], rows, torch.get_num_threads() if threads is None else threads):
-            raise ValueError(f"ckernel: {rows} rows; the kernel takes 1-{MAX_ROWS}")
+        y = torch.empty(rows, m, dtype=dtype)
+        err = self._fns[dtype](weight.data_ptr(), x.data_ptr(), x.stride(0), None if bias is None else bias.data_ptr(),
+                               y.data_ptr(), m, weight.shape[1], rows,
+                               torch.get_num_threads() if threads is None else threads)
+        if err:
+            raise (ValueError(f"ckernel: {rows} rows; the kernel takes 1-{MAX_ROWS}") if err == -1 else
+                   MemoryError(f"ckernel: no memory for {rows} x {weight.shape[1]} floats"))
         return y
 
 
@@ -108,11 +119,16 @@ def unavailable() -> str:
 @functools.cache
 def _load() -> Kernel | None:
     global _reason
-    try:
-        return _build_and_load()
-    except _Unavailable as e:
-        _reason = str(e)
-        return None
+    with _LOCK:  # (threads asking at once: one build)
+        try:
+            _reason = ""
+            return _build_and_load()
+        except _Unavailable as e:
+            _reason = str(e)
+            return None
+
+
+_LOCK = threading.Lock()
 
 
 class _Unavailable(Exception):
@@ -144,7 +160,7 @@ def _build_and_load() -> Kernel:
     compiler = shutil.which(cc)
     if compiler is None:
         raise _Unavailable(f"no C compiler: {cc!r} is not on PATH (set CC)")
-    source = resources.files("gpt3zh").joinpath("kernels/linear_f32.c").read_bytes()
+    source = resources.files("gpt3zh").joinpath("kernels/linear.c").read_bytes()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -152,7 +168,7 @@ def _build_and_load() -> Kernel:
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), runtime.encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:20]
     cache = _cache_dir()
-    target = cache / f"linear_f32-{key}.so"
+    target = cache / f"linear-{key}.so"
     kernel = None
     if target.exists():
         try:
@@ -175,7 +191,7 @@ def _compile(compiler: str, source: bytes, runtime: str, target: Path) -> None:
     """Build into a temporary directory next to `target`, then rename: a concurrent or failed
     build never leaves a partial library under the final name."""
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        src, obj, lib = Path(tmp, "linear_f32.c"), Path(tmp, "linear_f32.o"), Path(tmp, "lib.so")
+        src, obj, lib = Path(tmp, "linear.c"), Path(tmp, "linear.o"), Path(tmp, "lib.so")
         src.write_bytes(source)
         steps = ([compiler, *FLAGS, "-c", str(src), "-o", str(obj)],
                  [compiler, "-shared", str(obj), runtime, f"-Wl,-rpath,{Path(runtime).parent}", "-o", str(lib)])
@@ -216,14 +232,18 @@ def _cpu_flags() -> str:
 
 
 def _self_check(kernel: Kernel) -> None:
-    """The built kernel against F.linear on odd shapes (tails, bias, every row count, 1 and 2 threads)."""
+    """The built kernels against F.linear on odd shapes (tails, bias, every row count, 1 and 2
+    threads; bfloat16 against float32 math on the same bf16 values, rounded once)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(131, 77, generator=g)
     b = torch.randn(131, generator=g)
     for rows in range(1, MAX_ROWS + 1):
         x = torch.randn(rows, 90, generator=g)[:, 5:82]  # row stride 90, not 77
-        for threads in (1, 2):
-            got, want = kernel.linear(x, w, b, threads), F.linear(x, w, b)
-            if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
-                raise _Unavailable(f"{kernel.path} failed its check against F.linear "
-                                   f"(rows {rows}, max error {(got - want).abs().max().item():.3g})")
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            xd, wd, bd = x.to(dtype), w.to(dtype), b.to(dtype)
+            want = F.linear(xd.float(), wd.float(), bd.float()).to(dtype).float()
+            for threads in (1, 2):
+                got = kernel.linear(xd, wd, bd, threads).float()
+                if not torch.allclose(got, want, rtol=tol, atol=tol):
+                    raise _Unavailable(f"{kernel.path} failed its check against F.linear ({dtype}, rows {rows}, "
+                                       f"max error {(got - want).abs().max().item():.3g})")

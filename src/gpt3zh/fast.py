@@ -1,20 +1,22 @@
 """CPU decoding kernels, applied to a model as module swaps (model.py stays as it is).
 
 A decode step multiplies one row per sequence by every weight once, so on CPU it is bound by how
-fast the weights stream from memory. MKL's fp32 GEMV (what F.linear calls for one row) streams a
-weight with about one core's bandwidth whatever the thread count; `torch.bmm` over k = threads
-contiguous row blocks of the weight runs the blocks on all cores (base preset, 2 cores: 28.6 ms
-instead of F.linear's 39.6 ms for all weights once, benchmarks/linear_layout.py).
+fast the weights stream from memory. For 1-3 rows gpt3zh's own C kernel (`gpt3zh.ckernel`, float32
+and bfloat16) streams them at ~95% of a plain reduction's bandwidth; of torch's kernels, MKL's GEMV
+(what F.linear calls for one row) streams a weight with about one core's bandwidth whatever the
+thread count, and `torch.bmm` over k = threads contiguous row blocks of the weight runs the blocks
+on all cores at 55-60% (base preset, docs/benchmarks.md, kernel survey).
 
-- `ChunkedLinear`: that layout for inputs of few rows (F.linear above CHUNKED_MAX_ROWS rows).
-- `chunk_layers(model, k)`: swap every plain nn.Linear and the tied head for ChunkedLinear around
-  the same weight tensors (nothing copied). `gpt3zh.inference.prepare` applies it to its own view of
-  a model, never to the caller's.
+- `ChunkedLinear`: for inputs of few rows, around the layer's own tensors: 1-3 rows on the C
+  kernel when given, else the chunked bmm; F.linear above CHUNKED_MAX_ROWS rows.
+- `chunk_layers(model, k, kernel)`: swap every plain nn.Linear and the tied head for ChunkedLinear
+  (nothing copied). `gpt3zh.inference.prepare` applies it to its own view of a model, never to the
+  caller's.
 - `PackedLinear`: oneDNN's inner product on a copy of the weight packed once into its blocked
-  layout (`torch.ops.mkldnn._reorder_linear_weight`, the layout torch.compile's CPU freezing uses).
-  Faster than both at every row count on AVX-512 (base preset, 2 cores: the 25,600 x 768 head 2.8 ms
-  for 1 row and 3.8 ms for 8, chunked bmm 3.9 / 8.4 ms, F.linear 6.7 / 13.3 ms; 256 prefill rows
-  1.4-1.8x F.linear), at the cost of that copy; `pack_layers(model)` swaps it in.
+  layout (`torch.ops.mkldnn._reorder_linear_weight`, the layout torch.compile's CPU freezing uses)
+  for 4 and more rows (batched decoding, prefill: 1.4-2.8x bmm or F.linear), 1-3 rows on the C
+  kernel (or, without it, one row as the chunked bmm), at the cost of that copy; `pack_layers(model)`
+  swaps it in.
 - `LeanStep`: the one-token decode step of a model as one flat loop over its layers' tensors (the
   modules' computation op for op, no module calls, no dropout no-ops). Between two GEMVs that each
   stream megabytes of weights, every small op and the Python around it runs with cold caches, so
@@ -57,9 +59,10 @@ class PackedLinear(nn.Module):
     tensor: checked at each call), so the layer always computes with the current weight. The result
     equals F.linear up to the order of the float sums. Calls that need gradients go to F.linear.
 
-    chunks > 1: one-row inputs run as ChunkedLinear's `chunks` GEMVs on the original weight instead
-    (in float32 a weight streamed from memory by one row is as fast or a little faster that way:
-    all 49 base-preset matrices 18.3 ms chunked, 18.8 ms packed; 2-8 rows 1.4-1.7x faster packed).
+    kernel (gpt3zh's C kernel; float32 and bfloat16 weights): inputs of 1-ckernel.MAX_ROWS rows run
+    on it, over the original weight (all 49 base-preset matrices, one row: ~2x faster than packed).
+    Else chunks > 1: one-row float32 inputs run as ChunkedLinear's `chunks` GEMVs on the original
+    weight (as fast or a little faster than packed there; 2-8 rows 1.4-1.7x faster packed).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = PACK_ROWS,
@@ -71,7 +74,7 @@ class PackedLinear(nn.Module):
             raise ValueError(f"{weight.shape[0]} output features do not split into {chunks} equal blocks")
         self.weight, self.bias = weight, bias  # the original Parameters, shared
         self.rows, self.chunks = rows, chunks if chunks > 1 else 0
-        self.kernel = kernel if weight.dtype == torch.float32 else None
+        self.kernel = kernel if weight.dtype in ckernel.DTYPES else None
         self._pack()
 
     def _pack(self) -> None:
@@ -95,7 +98,7 @@ class PackedLinear(nn.Module):
         if (w.data_ptr(), w._version, None if b is None else b.data_ptr()) != self._packed_from:
             self._pack()
         n_in = x.shape[-1]
-        if self._wk is not None and x.numel() <= ckernel.MAX_ROWS * n_in and x.dtype == torch.float32:
+        if self._wk is not None and x.numel() <= ckernel.MAX_ROWS * n_in and x.dtype == w.dtype:
             return self.kernel.run(x.reshape(-1, n_in), self._wk, self._b).view(*x.shape[:-1], -1)
         if self.chunks and x.numel() == n_in:
             return _gemv(x.reshape(1, -1), self._w, self._bc, self.chunks).view(*x.shape[:-1], -1)
@@ -114,9 +117,10 @@ class PackedLinear(nn.Module):
 
 def pack_layers(model: GPT, chunks: int = 0, rows: int = PACK_ROWS, kernel: ckernel.Kernel | None = None) -> int:
     """Swap, in place, every plain nn.Linear and the tied head for PackedLinear over the same
-    tensors (plus the packed copies); return the bytes those copies take. float32 layers run inputs
-    of 1-ckernel.MAX_ROWS rows through `kernel` (gpt3zh's C kernel) when given, else, chunks > 1 and
-    the outputs split into `chunks` blocks, one-row inputs as chunked GEMVs. Other layer types
+    tensors (plus the packed copies); return the bytes those copies take. float32 and bfloat16
+    layers run inputs of 1-ckernel.MAX_ROWS rows through `kernel` (gpt3zh's C kernel) when given;
+    without it, float32 layers whose outputs split into `chunks` > 1 blocks run one-row inputs as
+    chunked GEMVs. Other layer types
     (int8, tensor-parallel, chunked) are left as they are."""
     copied = 0
     for parent, name, child in _packable(model):
@@ -164,8 +168,8 @@ class ChunkedLinear(nn.Module):
         # they share the parameters' storage, so in-place weight updates show.
         self._w = weight.detach().view(chunks, -1, weight.shape[1]).transpose(1, 2)  # (k, in, out/k)
         self._b = None if bias is None else bias.detach().view(chunks, 1, -1)  # (k, 1, out/k)
-        # 1-ckernel.MAX_ROWS rows through gpt3zh's C kernel, when given (float32, contiguous weight)
-        ok = kernel is not None and weight.dtype == torch.float32 and weight.is_contiguous()
+        # 1-ckernel.MAX_ROWS rows through gpt3zh's C kernel, when given (float32 / bf16, contiguous weight)
+        ok = kernel is not None and weight.dtype in ckernel.DTYPES and weight.is_contiguous()
         self.kernel = kernel if ok else None
         self._wk = weight.detach() if ok else None
         self._bk = None if bias is None or not ok else bias.detach()
@@ -181,7 +185,7 @@ class ChunkedLinear(nn.Module):
         rows = x.numel() // n_in
         if rows > self.max_rows:
             return F.linear(x, self.weight, self.bias)
-        if self.kernel is not None and rows <= ckernel.MAX_ROWS and x.dtype == torch.float32:
+        if self.kernel is not None and rows <= ckernel.MAX_ROWS and x.dtype == self.weight.dtype:
             return self.kernel.run(x.reshape(rows, n_in), self._wk, self._bk).view(*x.shape[:-1], -1)
         return _gemv(x.reshape(rows, n_in), self._w, self._b, self.chunks).view(*x.shape[:-1], -1)
 
@@ -194,7 +198,7 @@ class ChunkedLinear(nn.Module):
 def chunk_layers(model: GPT, chunks: int, kernel: ckernel.Kernel | None = None) -> int:
     """Swap, in place, every plain nn.Linear (out features divisible by `chunks`) and the tied head
     (vocab divisible) for ChunkedLinear over the same tensors; return how many were swapped. With
-    `kernel` (gpt3zh's C kernel, float32) every such layer is swapped and runs 1-ckernel.MAX_ROWS
+    `kernel` (gpt3zh's C kernel, float32 / bfloat16) every such layer is swapped and runs 1-ckernel.MAX_ROWS
     rows through it (a layer that does not split runs the other few-row inputs as one block).
 
     Other layer types (int8, tensor-parallel) are left as they are.

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from . import ckernel, fast
+from . import ckernel, fast, hugepages
 from .config import InferenceOptions
 from .model import GPT
 from .quantize import Int8DynamicLinear, is_quantized, quantize_int8, quantize_int8_dynamic, scheme
@@ -200,6 +200,8 @@ def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) ->
         module = _view(model)
         if dtype != model.tok_emb.weight.dtype:  # a cast copy: to() on the view would cast the model's own tensors
             module = copy.deepcopy(module).to(dtype)
+            if module.tok_emb.weight.device.type == "cpu":  # (its own tensors: placed as load_pretrained's are)
+                hugepages.place_model(module)
         if chosen is not None and not is_quantized(module):  # swaps the view's layers, never the model's
             QUANTIZERS[chosen](module)
     else:
@@ -213,7 +215,7 @@ def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) ->
         raise ValueError("cpu_kernels=True needs a CPU model and compile=False")
     step = "compiled" if options.compile else "modules"
     if cpu and options.cpu_kernels is not False:
-        kernel = ckernel.load() if w.dtype == torch.float32 else None
+        kernel = ckernel.load() if w.dtype in ckernel.DTYPES else None
         packed = _pack(module, options.pack_weights, threads, kernel)
         few = f"1-{ckernel.MAX_ROWS} rows: gpt3zh's C kernel over {threads} thread{'s' * (threads > 1)}"
         if packed:
@@ -223,7 +225,7 @@ def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) ->
             parts.append(f"oneDNN-packed weights (a {human_bytes(packed)} copy" + (f"; {rows})" if rows else ")"))
         elif (threads > 1 or kernel is not None) and fast.chunk_layers(module, threads, kernel):
             parts.append(few if kernel is not None else f"chunked GEMV over {threads} threads")
-        if w.dtype == torch.float32 and kernel is None:
+        if w.dtype in ckernel.DTYPES and kernel is None:
             parts.append(f"C kernel unavailable: {ckernel.unavailable()}")
         if packed or threads > 1 or kernel is not None:
             step = "lean"
