@@ -11,6 +11,7 @@ a real step (one matrix alone may sit in L3). Kernels, each on its own copy of t
   (`gpt3zh.ckernel`, 1-3 rows) on these weights and on huge-page copies (`gpt3zh.hugepages`, as
   `load_pretrained` places them), with a plain `sum` over those copies as their read reference;
 - bf16 (weights and activations): `F.linear` (oneDNN, AVX512-BF16 where the CPU has it); chunked;
+  gpt3zh's C kernel on huge-page copies;
 - int8 weight-only: `torch._weight_int8pack_mm` with fp32 and with bf16 activations;
 - int8 weights and activations, quantized at run time: fbgemm `quantized::linear_dynamic` (what
   `quantize.Int8DynamicLinear` runs; a per-row wrapper for several rows), oneDNN
@@ -73,15 +74,22 @@ def fp32_kernels(ws, threads):
 
 
 CK = "fp32 gpt3zh C kernel"  # 1-ckernel.MAX_ROWS rows only
+CK_BF16 = "bf16 gpt3zh C kernel, huge pages (gpt3zh)"
 
 
 def bf16_kernels(ws, threads):
     half = [(w.bfloat16(), b.bfloat16()) for w, b in ws]
     chunked = [fast.ChunkedLinear(w, b, threads, max_rows=1 << 30) for w, b in half]
-    return {
+    out = {
         "bf16 F.linear": (lambda x: [F.linear(x[("bf16", w.shape[1])], w, b) for w, b in half], 2),
         "bf16 chunked": (lambda x: [m(x[("bf16", m.weight.shape[1])]) for m in chunked], 2),
     }
+    kernel = ckernel.load()
+    if kernel is not None and hugepages.enabled():
+        flat = hugepages.place({f"w{i}": w for i, (w, _) in enumerate(half)})
+        huge = [(flat[f"w{i}"], b) for i, (_, b) in enumerate(half)]
+        out[CK_BF16] = (lambda x: [kernel.run(x[("bf16", w.shape[1])], w, b) for w, b in huge], 2)
+    return out
 
 
 def int8_kernels(ws):
@@ -153,7 +161,7 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}  cpu capability {torch.backends.cpu.get_cpu_capability()}  "
           f"threads {args.threads}  preset {args.preset}: {len(ws)} matrices, {params / 1e6:.0f}M weights")
     for rows in args.rows:
-        todo = {k: v for k, v in kernels.items() if rows <= ckernel.MAX_ROWS or not k.startswith(CK)}
+        todo = {k: v for k, v in kernels.items() if rows <= ckernel.MAX_ROWS or not k.startswith((CK, CK_BF16))}
         g = torch.Generator().manual_seed(1)
         xs = {n: torch.randn(rows, n, generator=g) for n in {w.shape[1] for w, _ in ws}}
         xs.update({("bf16", n): x.bfloat16() for n, x in list(xs.items())})

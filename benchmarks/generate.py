@@ -25,6 +25,7 @@ from _timing import interleaved
 from fast_cpu import gpt3zh_greedy as new_tokens
 
 import gpt3zh
+from gpt3zh import hugepages
 from gpt3zh.config import PRESETS
 from gpt3zh.inference import InferenceModel, prepare
 from gpt3zh.model import GPT
@@ -88,6 +89,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = PRESETS[args.preset].replace(dropout=0.0, attn_dropout=0.0)
     model = GPT(cfg).eval()
+    hugepages.place_model(model)  # where gpt3zh.load_pretrained puts a loaded model's CPU weights
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  torch {torch.__version__}  "
           f"threads {torch.get_num_threads()}  {platform.processor() or platform.machine()}")
     print(f"# preset {args.preset} fp32 CPU, random init (seed 0), greedy, prompt {args.prompt_len} tokens, "

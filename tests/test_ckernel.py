@@ -1,4 +1,4 @@
-"""gpt3zh's C kernel (gpt3zh.ckernel, kernels/linear.c): equal to F.linear on every shape it
+"""gpt3zh's C kernel (gpt3zh.ckernel, kernels/cpu.c): equal to F.linear on every shape it
 takes, built once and cached, and every way it can be missing gives a reason and torch's kernels."""
 
 import os
@@ -127,7 +127,7 @@ def test_built_once_then_loaded_from_the_cache(fresh):
 @pytest.mark.parametrize("setting, reason", [
     ({"GPT3ZH_CKERNEL": "0"}, "turned off by GPT3ZH_CKERNEL=0"),
     ({"CC": "/nonexistent/cc"}, "no C compiler: '/nonexistent/cc' is not on PATH (set CC)"),
-    ({"CC": "false"}, "linear.c -o "),  # a "compiler" that fails: the command and its exit status
+    ({"CC": "false"}, "cpu.c -o "),  # a "compiler" that fails: the command and its exit status
 ])
 def test_unavailable_says_why(fresh, monkeypatch, setting, reason):
     for k, v in setting.items():
@@ -149,3 +149,42 @@ def test_a_failed_build_leaves_nothing_behind(fresh, monkeypatch, tmp_path):
     assert ckernel.load() is None
     assert "failed (exit 3): badcc: error: out of cheese" in ckernel.unavailable()
     assert list((fresh / "kernels").iterdir()) == []  # no partial library, no build directory
+
+
+@pytest.mark.parametrize("rows, n_head, head_dim, slots",
+                         [(1, 12, 64, 48), (3, 4, 8, 7), (2, 3, 20, 1), (1, 2, 16, 1500)])
+def test_decode_attention_equals_the_cache_write_and_sdpa(kernel, rows, n_head, head_dim, slots):
+    """One token per row at a slot, attending to the slots before it: the C call against
+    KVCache.update + F.scaled_dot_product_attention on copies of the same cache."""
+    from gpt3zh.model import KVCache
+
+    g = torch.Generator().manual_seed(rows * 100 + slots)
+    N, D, S = n_head, head_dim, slots + 5
+    qkv = torch.randn(rows, N * 3 * D, generator=g)
+    cache = KVCache(rows + 1, S, N, D, torch.float32, "cpu")  # one spare row: must stay untouched
+    cache.k.normal_(generator=g)
+    cache.v.normal_(generator=g)
+    k2, v2 = cache.k.clone(), cache.v.clone()
+    for pos in (torch.tensor([slots - 1]), torch.arange(slots - rows, slots) if slots >= rows else None):
+        if pos is None:
+            continue
+        kc, vc = cache.k.clone(), cache.v.clone()
+        got = kernel.attention(qkv, kc, vc, pos, threads=2)
+        ref_cache = KVCache(rows + 1, S, N, D, torch.float32, "cpu")
+        ref_cache.k.copy_(k2)
+        ref_cache.v.copy_(v2)
+        q, k, v = qkv.view(rows, 1, N, 3, D).permute(3, 0, 2, 1, 4).unbind(0)
+        want = []
+        for r in range(rows):  # each row alone: its own slot, the slots before it
+            p = pos[r if pos.numel() > 1 else 0]
+            kr, vr = ref_cache.update(p.view(1), k[r:r + 1], v[r:r + 1], torch.tensor([r]), int(p) + 1)
+            want.append(F.scaled_dot_product_attention(q[r:r + 1], kr, vr).reshape(N * D))
+        torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kc, ref_cache.k, rtol=0, atol=0)  # the same slots written, nothing else
+        torch.testing.assert_close(vc, ref_cache.v, rtol=0, atol=0)
+    with pytest.raises(IndexError, match=rf"a slot in \[{S}\] is outside the cache's 0..{S - 1}"):
+        kernel.attention(qkv, cache.k, cache.v, torch.tensor([S]))
+    with pytest.raises(ValueError, match="ckernel.attention: float32 CPU qkv"):
+        kernel.attention(qkv.double(), cache.k, cache.v, torch.tensor([0]))
+    with pytest.raises(ValueError, match="ckernel.attention: float32 CPU qkv"):
+        kernel.attention(qkv, cache.k, cache.v, torch.tensor([0], dtype=torch.int32))

@@ -352,6 +352,7 @@ def test_packing_is_skipped_when_the_copy_does_not_fit(model, two_threads, monke
 def test_lean_step_equals_the_modules(model, two_threads, kernels):
     lean, plain = prepare(model), prepare(model, cpu_kernels=False)
     assert isinstance(lean._lean, fast.LeanStep) and plain._lean is None
+    assert lean._lean.kernel is kernels  # with the C kernel, one-slot steps attend through it too
     # shared slots (one row; two equal-length rows: no mask) and ragged rows (per-row slots, a mask),
     # with sampling: the same tokens and log-probabilities either way
     cfg = dict(do_sample=True, seed=3, top_k=10, repetition_penalty=1.2)

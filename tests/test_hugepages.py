@@ -94,6 +94,15 @@ def test_load_pretrained_places_the_cpu_weights(tmp_path):
     assert emb.data_ptr() % hugepages.PAGE == 0 and hugepages.huge_bytes(emb) >= 2 * MiB
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+    # a placed model saves (safetensors, torch.save) and shares (torch.multiprocessing) as any other
+    save_model(loaded, tmp_path / "again")
+    again = load_pretrained(tmp_path / "again").model
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), again.state_dict().values()))
+    buf = io.BytesIO()
+    torch.save(loaded.state_dict(), buf)
+    assert buf.tell() < 1.1 * sum(t.numel() * t.element_size() for t in loaded.state_dict().values())
+    emb.share_memory_()
+    assert emb.is_shared() and torch.equal(emb, model.tok_emb.weight)
 
 
 def test_nothing_changes_where_huge_pages_are_off(monkeypatch):

@@ -1,7 +1,8 @@
-"""The few-row float32 / bfloat16 linear kernels (kernels/linear.c), compiled on first use.
+"""gpt3zh's CPU kernels (kernels/cpu.c), compiled on first use.
 
 For one to MAX_ROWS input rows, `linear(x, weight, bias)` streams the weight once at close to the
-machine's read bandwidth (see the C file), in float32 or bfloat16. It is built with the machine's C
+machine's read bandwidth (see the C file), in float32 or bfloat16; `attention` is a decode step's
+attention with its KV-cache write in one call (float32). It is built with the machine's C
 compiler (`$CC`, else `cc`) as `-O3 -march=native -fopenmp`, linked against the OpenMP runtime torch has loaded (one
 thread pool for both), checked against F.linear once, and cached under
 `$GPT3ZH_CACHE_DIR/kernels` (default `$XDG_CACHE_HOME/gpt3zh`, `~/.cache/gpt3zh`), keyed by the
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 3  # above this many rows oneDNN's packed inner product is as fast (base preset, 4 rows)
-ABI = 2
+ABI = 3
 DTYPES = (torch.float32, torch.bfloat16)
 FLAGS = ("-O3", "-march=native", "-fPIC", "-fopenmp")
 _OMP = re.compile(r"/lib(gomp|iomp5|omp)[-.][^/]*\.so[^/]*$|/lib(gomp|iomp5|omp)\.so[^/]*$")
@@ -52,6 +53,10 @@ class Kernel:
             fn.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
             fn.restype = ctypes.c_int
             self._fns[dtype] = fn
+        att = lib.gpt3zh_decode_attention_f32
+        att.argtypes = [p, p, p, p, i64, i64, i64, i64, p, i64, ctypes.c_float, ctypes.c_int]
+        att.restype = ctypes.c_int
+        self._attention = att
         self.path, self._lib = path, lib
 
     # one loaded library per process: copies of a module holding it share it, a pickle reloads it
@@ -96,6 +101,32 @@ class Kernel:
         if err:
             raise (ValueError(f"ckernel: {rows} rows; the kernel takes 1-{MAX_ROWS}") if err == -1 else
                    MemoryError(f"ckernel: no memory for {rows} x {weight.shape[1]} floats"))
+        return y
+
+
+    def attention(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                  threads: int | None = None) -> torch.Tensor:
+        """One decode step's causal attention, float32: rows r = 0..B-1 of qkv (B, N * 3 * D), laid
+        out [N][3][D] (the model's qkv layer), write their key and value at slot pos[r] of the
+        caches (>= B, N, S, D) and attend to slots 0..pos[r]; pos is (B,) or (1,) (every row at one
+        slot), int64. Returns (B, N * D), laid out [N][D]: F.scaled_dot_product_attention's result
+        up to float rounding (1/sqrt(D) scale, no dropout)."""
+        B = qkv.shape[0]
+        cap, N, S, D = k_cache.shape
+        if not (qkv.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and qkv.is_contiguous()
+                and qkv.shape == (B, N * 3 * D) and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and v_cache.shape == k_cache.shape and B <= cap and pos.dtype == torch.int64
+                and pos.is_contiguous() and pos.shape in ((B,), (1,))
+                and all(t.device.type == "cpu" for t in (qkv, k_cache, v_cache, pos))):
+            raise ValueError(f"ckernel.attention: float32 CPU qkv (B, {N * 3 * D}) and contiguous caches "
+                             f"(>= B, N, S, D) with int64 pos (B,) or (1,) expected; got qkv {tuple(qkv.shape)} "
+                             f"{qkv.dtype}, caches {tuple(k_cache.shape)} {k_cache.dtype} / {tuple(v_cache.shape)}, "
+                             f"pos {tuple(pos.shape)} {pos.dtype}")
+        y = torch.empty(B, N * D, dtype=torch.float32)
+        if self._attention(qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), y.data_ptr(), B, N, S, D,
+                           pos.data_ptr(), 1 if pos.shape[0] == B and B > 1 else 0, D ** -0.5,
+                           torch.get_num_threads() if threads is None else threads):
+            raise IndexError(f"ckernel.attention: a slot in {pos.tolist()} is outside the cache's 0..{S - 1}")
         return y
 
 
@@ -160,7 +191,7 @@ def _build_and_load() -> Kernel:
     compiler = shutil.which(cc)
     if compiler is None:
         raise _Unavailable(f"no C compiler: {cc!r} is not on PATH (set CC)")
-    source = resources.files("gpt3zh").joinpath("kernels/linear.c").read_bytes()
+    source = resources.files("gpt3zh").joinpath("kernels/cpu.c").read_bytes()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
@@ -168,7 +199,7 @@ def _build_and_load() -> Kernel:
     key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), runtime.encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:20]
     cache = _cache_dir()
-    target = cache / f"linear-{key}.so"
+    target = cache / f"cpu-{key}.so"
     kernel = None
     if target.exists():
         try:
@@ -191,10 +222,10 @@ def _compile(compiler: str, source: bytes, runtime: str, target: Path) -> None:
     """Build into a temporary directory next to `target`, then rename: a concurrent or failed
     build never leaves a partial library under the final name."""
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-        src, obj, lib = Path(tmp, "linear.c"), Path(tmp, "linear.o"), Path(tmp, "lib.so")
+        src, obj, lib = Path(tmp, "cpu.c"), Path(tmp, "cpu.o"), Path(tmp, "lib.so")
         src.write_bytes(source)
         steps = ([compiler, *FLAGS, "-c", str(src), "-o", str(obj)],
-                 [compiler, "-shared", str(obj), runtime, f"-Wl,-rpath,{Path(runtime).parent}", "-o", str(lib)])
+                 [compiler, "-shared", str(obj), runtime, f"-Wl,-rpath,{Path(runtime).parent}", "-lm", "-o", str(lib)])
         for cmd in steps:
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -122,7 +122,7 @@ static void run_bf16(const uint16_t* w, const float* xf, int64_t n, const uint16
     }
 }
 
-int gpt3zh_kernel_abi(void) { return 2; }
+int gpt3zh_kernel_abi(void) { return 3; }
 
 /* Returns 0, or -1 for a row count outside 1..4 (nothing written). */
 int gpt3zh_linear_f32(const float* w, const float* x, int64_t ldx, const float* b, float* y,
@@ -159,5 +159,56 @@ int gpt3zh_linear_bf16(const uint16_t* w, const uint16_t* x, int64_t ldx, const 
         }
     }
     free(xf);
+    return 0;
+}
+
+/* One decode step's attention, float32, for `rows` rows that each add one token at slot pos[r]
+ * (pos + r * pos_stride; stride 0: one slot for all rows) and attend to slots [0, pos[r]]: the new
+ * token's key and value are written into the caches, then y = softmax(q K^T * scale) V per head.
+ * qkv (rows, N * 3 * D) is laid out [N][3][D] (the model's qkv layer); k_cache, v_cache are
+ * contiguous (>= rows, N, S, D); y (rows, N * D) is laid out [N][D]. Returns 0, or -1 for a slot
+ * outside 0..S-1 (nothing written). */
+int gpt3zh_decode_attention_f32(const float* qkv, float* kc, float* vc, float* y, int64_t rows, int64_t n_head,
+                                int64_t slots, int64_t head_dim, const int64_t* pos, int64_t pos_stride,
+                                float scale, int threads) {
+    const int64_t N = n_head, S = slots, D = head_dim;
+    for (int64_t r = 0; r < rows; r++)
+        if (pos[r * pos_stride] < 0 || pos[r * pos_stride] >= S) return -1;
+    #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if (threads > 1)
+    for (int64_t t = 0; t < rows * N; t++) {
+        const int64_t r = t / N, h = t % N, p = pos[r * pos_stride], len = p + 1;
+        const float* q = qkv + (r * N + h) * 3 * D;
+        float* K = kc + (r * N + h) * S * D;
+        float* V = vc + (r * N + h) * S * D;
+        memcpy(K + p * D, q + D, (size_t)D * sizeof(float));
+        memcpy(V + p * D, q + 2 * D, (size_t)D * sizeof(float));
+        float stack[1024];
+        float* w = len <= 1024 ? stack : malloc((size_t)len * sizeof(float));
+        float* out = y + (r * N + h) * D;
+        if (!w) {  /* no memory for the scores: NaN marks the row (cannot happen below 1024 slots) */
+            for (int64_t d = 0; d < D; d++) out[d] = __builtin_nanf("");
+            continue;
+        }
+        float top = -__builtin_inff();
+        for (int64_t j = 0; j < len; j++) {
+            const float* kj = K + j * D;
+            float s = 0.f;
+            #pragma omp simd reduction(+:s)
+            for (int64_t d = 0; d < D; d++) s += q[d] * kj[d];
+            w[j] = s * scale;
+            top = w[j] > top ? w[j] : top;
+        }
+        float sum = 0.f;
+        for (int64_t j = 0; j < len; j++) { w[j] = __builtin_expf(w[j] - top); sum += w[j]; }
+        const float inv = 1.f / sum;
+        for (int64_t d = 0; d < D; d++) out[d] = 0.f;
+        for (int64_t j = 0; j < len; j++) {
+            const float a = w[j] * inv;
+            const float* vj = V + j * D;
+            #pragma omp simd
+            for (int64_t d = 0; d < D; d++) out[d] += a * vj[d];
+        }
+        if (w != stack) free(w);
+    }
     return 0;
 }
