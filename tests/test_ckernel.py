@@ -188,3 +188,31 @@ def test_decode_attention_equals_the_cache_write_and_sdpa(kernel, rows, n_head, 
         kernel.attention(qkv.double(), cache.k, cache.v, torch.tensor([0]))
     with pytest.raises(ValueError, match="ckernel.attention: float32 CPU qkv"):
         kernel.attention(qkv, cache.k, cache.v, torch.tensor([0], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_in_the_kernel_equals_f_gelu(kernel, approximate):
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(3072, 768, generator=g) * 0.05, torch.randn(3072, generator=g)
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, 768, generator=g)
+        for threads in (1, 2):
+            got = kernel.linear(x, w, b, threads, gelu=approximate)
+            pre = kernel.linear(x, w, b, threads)
+            want = F.gelu(pre, approximate=approximate)
+            # torch's own float32 GELU is within ~1.2e-6 of the exact value; the kernel's within 5e-7
+            torch.testing.assert_close(got, want, rtol=0, atol=2.5e-6)
+            exact = F.gelu(pre.double(), approximate=approximate)
+            assert (got.double() - exact).abs().max() <= 6e-7
+    # the whole range: saturation, tiny values, an odd length (the vector tail)
+    z = torch.cat([torch.linspace(-30, 30, 30), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e4, -1e4, 88.0])])
+    got = kernel.linear(z[None], torch.eye(37), None, 1, gelu=approximate)[0]
+    torch.testing.assert_close(got, F.gelu(z, approximate=approximate), rtol=1e-6, atol=2.5e-6)
+    for v in (float("nan"), float("inf"), -float("inf")):  # one at a time (0 * inf is NaN in a matmul)
+        got = kernel.linear(torch.tensor([[v]]), torch.ones(1, 1), None, 1, gelu=approximate)
+        torch.testing.assert_close(got, F.gelu(torch.tensor([[v]]), approximate=approximate), equal_nan=True)
+    with pytest.raises(ValueError, match="gelu must be one of"):
+        kernel.linear(z[None], torch.eye(37), None, 1, gelu="erf")
+    xb = torch.randn(1, 768, generator=g).bfloat16()  # bfloat16: F.gelu after the kernel
+    got = kernel.linear(xb, w.bfloat16(), b.bfloat16(), gelu=approximate)
+    assert torch.equal(got, F.gelu(kernel.linear(xb, w.bfloat16(), b.bfloat16()), approximate=approximate))

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 MAX_ROWS = 3  # above this many rows oneDNN's packed inner product is as fast (base preset, 4 rows)
-ABI = 3
+ABI = 4
+GELU = {None: 0, "none": 1, "tanh": 2}  # F.gelu's `approximate` -> the kernel's activation code
 DTYPES = (torch.float32, torch.bfloat16)
 FLAGS = ("-O3", "-march=native", "-fPIC", "-fopenmp")
 _OMP = re.compile(r"/lib(gomp|iomp5|omp)[-.][^/]*\.so[^/]*$|/lib(gomp|iomp5|omp)\.so[^/]*$")
@@ -48,9 +49,10 @@ class Kernel:
             raise OSError(f"{path}: built for another kernel ABI")
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         self._fns = {}
-        for dtype, name in ((torch.float32, "gpt3zh_linear_f32"), (torch.bfloat16, "gpt3zh_linear_bf16")):
+        for dtype, name, extra in ((torch.float32, "gpt3zh_linear_f32", [ctypes.c_int]),
+                                   (torch.bfloat16, "gpt3zh_linear_bf16", [])):
             fn = getattr(lib, name)
-            fn.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int]
+            fn.argtypes = [p, p, i64, p, p, i64, i64, i64, ctypes.c_int, *extra]
             fn.restype = ctypes.c_int
             self._fns[dtype] = fn
         att = lib.gpt3zh_decode_attention_f32
@@ -70,10 +72,11 @@ class Kernel:
         return _reload, ()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-               threads: int | None = None) -> torch.Tensor:
+               threads: int | None = None, gelu: str | None = None) -> torch.Tensor:
         """x (rows, in) @ weight (out, in).T + bias, rows <= MAX_ROWS; CPU tensors of one dtype
         (float32 or bfloat16), weight and bias contiguous, x's rows contiguous (checked: the kernel
-        reads raw pointers)."""
+        reads raw pointers). gelu "none" / "tanh": F.gelu(result, approximate=gelu), in the kernel
+        for float32 (torch's erf formula), after it for bfloat16."""
         rows, n = x.shape[0], x.shape[-1]
         m = weight.shape[0]
         if not (x.dim() == 2 and 0 < rows <= MAX_ROWS and x.dtype == weight.dtype and x.dtype in DTYPES
@@ -84,10 +87,12 @@ class Kernel:
                              f"weight (out, {n}) and bias (out,), all float32 or all bfloat16, expected; got x "
                              f"{tuple(x.shape)} {x.dtype} strides {x.stride()}, weight {tuple(weight.shape)} "
                              f"{weight.dtype}, bias {None if bias is None else (tuple(bias.shape), bias.dtype)}")
-        return self.run(x, weight, bias, threads)
+        if gelu not in GELU:
+            raise ValueError(f"ckernel.linear: gelu must be one of {list(GELU)}, got {gelu!r}")
+        return self.run(x, weight, bias, threads, gelu)
 
     def run(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-            threads: int | None = None) -> torch.Tensor:
+            threads: int | None = None, gelu: str | None = None) -> torch.Tensor:
         """`linear` for callers that hold a contiguous float32 or bfloat16 weight and bias (checked
         once, by them): only x's layout and dtype are made to match here."""
         dtype = weight.dtype
@@ -95,13 +100,15 @@ class Kernel:
             x = x.contiguous().to(dtype)
         rows, m = x.shape[0], weight.shape[0]
         y = torch.empty(rows, m, dtype=dtype)
+        fused = dtype == torch.float32
+        act = [GELU[gelu]] if fused else []
         err = self._fns[dtype](weight.data_ptr(), x.data_ptr(), x.stride(0), None if bias is None else bias.data_ptr(),
                                y.data_ptr(), m, weight.shape[1], rows,
-                               torch.get_num_threads() if threads is None else threads)
+                               torch.get_num_threads() if threads is None else threads, *act)
         if err:
             raise (ValueError(f"ckernel: {rows} rows; the kernel takes 1-{MAX_ROWS}") if err == -1 else
                    MemoryError(f"ckernel: no memory for {rows} x {weight.shape[1]} floats"))
-        return y
+        return y if fused or gelu is None else F.gelu(y, approximate=gelu)
 
 
     def attention(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,

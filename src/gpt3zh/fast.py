@@ -92,17 +92,20 @@ class PackedLinear(nn.Module):
     def packed_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., out) on the packed weight (packed again first if the weight changed)."""
+    def run(self, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
+        """(..., in) -> (..., out) on the packed weight (packed again first if the weight changed);
+        gelu "none" / "tanh": F.gelu of that (in the C kernel when it runs)."""
         w, b = self.weight, self.bias
         if (w.data_ptr(), w._version, None if b is None else b.data_ptr()) != self._packed_from:
             self._pack()
         n_in = x.shape[-1]
         if self._wk is not None and x.numel() <= ckernel.MAX_ROWS * n_in and x.dtype == w.dtype:
-            return self.kernel.run(x.reshape(-1, n_in), self._wk, self._b).view(*x.shape[:-1], -1)
+            return self.kernel.run(x.reshape(-1, n_in), self._wk, self._b, gelu=gelu).view(*x.shape[:-1], -1)
         if self.chunks and x.numel() == n_in:
-            return _gemv(x.reshape(1, -1), self._w, self._bc, self.chunks).view(*x.shape[:-1], -1)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self._b, "none", [], "")
+            y = _gemv(x.reshape(1, -1), self._w, self._bc, self.chunks).view(*x.shape[:-1], -1)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self._b, "none", [], "")
+        return y if gelu is None else F.gelu(y, approximate=gelu)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
@@ -120,8 +123,7 @@ def pack_layers(model: GPT, chunks: int = 0, rows: int = PACK_ROWS, kernel: cker
     tensors (plus the packed copies); return the bytes those copies take. float32 and bfloat16
     layers run inputs of 1-ckernel.MAX_ROWS rows through `kernel` (gpt3zh's C kernel) when given;
     without it, float32 layers whose outputs split into `chunks` > 1 blocks run one-row inputs as
-    chunked GEMVs. Other layer types
-    (int8, tensor-parallel, chunked) are left as they are."""
+    chunked GEMVs. Other layer types (int8, tensor-parallel, chunked) are left as they are."""
     copied = 0
     for parent, name, child in _packable(model):
         w = child.weight
@@ -179,15 +181,18 @@ class ChunkedLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         return self.run(x)
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., out), no gradients."""
+    def run(self, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
+        """(..., in) -> (..., out), no gradients; gelu "none" / "tanh": F.gelu of that (in the C
+        kernel when it runs)."""
         n_in = x.shape[-1]
         rows = x.numel() // n_in
-        if rows > self.max_rows:
-            return F.linear(x, self.weight, self.bias)
         if self.kernel is not None and rows <= ckernel.MAX_ROWS and x.dtype == self.weight.dtype:
-            return self.kernel.run(x.reshape(rows, n_in), self._wk, self._bk).view(*x.shape[:-1], -1)
-        return _gemv(x.reshape(rows, n_in), self._w, self._b, self.chunks).view(*x.shape[:-1], -1)
+            return self.kernel.run(x.reshape(rows, n_in), self._wk, self._bk, gelu=gelu).view(*x.shape[:-1], -1)
+        if rows > self.max_rows:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = _gemv(x.reshape(rows, n_in), self._w, self._b, self.chunks).view(*x.shape[:-1], -1)
+        return y if gelu is None else F.gelu(y, approximate=gelu)
 
     def extra_repr(self) -> str:
         k = f", 1-{ckernel.MAX_ROWS} rows by the C kernel" if self.kernel is not None else ""
@@ -198,8 +203,9 @@ class ChunkedLinear(nn.Module):
 def chunk_layers(model: GPT, chunks: int, kernel: ckernel.Kernel | None = None) -> int:
     """Swap, in place, every plain nn.Linear (out features divisible by `chunks`) and the tied head
     (vocab divisible) for ChunkedLinear over the same tensors; return how many were swapped. With
-    `kernel` (gpt3zh's C kernel, float32 / bfloat16) every such layer is swapped and runs 1-ckernel.MAX_ROWS
-    rows through it (a layer that does not split runs the other few-row inputs as one block).
+    `kernel` (gpt3zh's C kernel, float32 / bfloat16) every such layer is swapped and runs
+    1-ckernel.MAX_ROWS rows through it (a layer that does not split runs other few-row inputs as
+    one block).
 
     Other layer types (int8, tensor-parallel) are left as they are.
     """
@@ -250,8 +256,9 @@ class LeanStep:
             slots = mask.shape[-1]
         D, shape, eps, kernel = self.head_dim, self.shape, self.eps, self.kernel
         # every row at one slot, attending to the slots before it (no mask): the C kernel's attention
-        fused = (kernel is not None and mask is None and model.tok_emb.weight.dtype == torch.float32
-                 and cache_pos.numel() == 1 and cache_pos.dtype == torch.int64 and int(cache_pos) == slots - 1)
+        fused = (kernel is not None and mask is None and slots is not None
+                 and model.tok_emb.weight.dtype == torch.float32 and cache_pos.numel() == 1
+                 and cache_pos.dtype == torch.int64 and int(cache_pos) == slots - 1)
         x = F.embedding(idx, model.tok_emb.weight) + F.embedding(positions, model.pos_emb.weight)
         x = x.view(B, -1)  # (B, H)
         for ln1_w, ln1_b, qkv, attn, proj, ln2_w, ln2_b, fc, approximate, fc2 in self.layers:
@@ -264,16 +271,15 @@ class LeanStep:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, N, 1, D)
                 y = y.view(B, -1) if B == 1 else y.transpose(1, 2).reshape(B, -1)
             x = x + _gemv(y, *proj)
-            h = F.gelu(_gemv(F.layer_norm(x, shape, ln2_w, ln2_b, eps), *fc), approximate=approximate)
+            h = _gemv(F.layer_norm(x, shape, ln2_w, ln2_b, eps), *fc, gelu=approximate)
             x = x + _gemv(h, *fc2)
         return _gemv(F.layer_norm(x, shape, model.ln_f.weight, model.ln_f.bias, eps), *self.head)  # (B, V)
 
 
 def _layer_args(layer: nn.Module) -> tuple:
     """(weight, bias, chunks) for _gemv: a ChunkedLinear's block views (chunks > 0), an nn.Linear's
-    or the tied head's own tensors (0), a dynamic int8 layer (-2), a packed layer or a chunked one with
-    the C kernel (-3: its `run`), or any other
-    layer as a module to call (-1)."""
+    or the tied head's own tensors (0), a dynamic int8 layer (-2), a packed layer or a chunked one
+    with the C kernel (-3: its `run`), or any other layer as a module to call (-1)."""
     if type(layer) is PackedLinear:
         return layer, None, -3
     if type(layer) is Int8DynamicLinear:
@@ -287,7 +293,17 @@ def _layer_args(layer: nn.Module) -> tuple:
     return layer, None, -1
 
 
-def _gemv(x: torch.Tensor, w, b: torch.Tensor | None, chunks: int) -> torch.Tensor:
+def _gemv(x: torch.Tensor, w, b: torch.Tensor | None, chunks: int,
+          gelu: str | None = None) -> torch.Tensor:
+    """_linear, then F.gelu(approximate=gelu) when gelu is given (fused where the layer's `run`
+    runs the C kernel)."""
+    if chunks == -3:
+        return w.run(x, gelu)
+    y = _linear(x, w, b, chunks)
+    return y if gelu is None else F.gelu(y, approximate=gelu)
+
+
+def _linear(x: torch.Tensor, w, b: torch.Tensor | None, chunks: int) -> torch.Tensor:
     """(B, in) -> (B, out): the chunked GEMV (chunks > 0), F.linear (0), dynamic int8 (-2; its
     one-row call without the module's reshapes), packed (-3) or the module `w` (-1)."""
     if chunks <= 0:

@@ -216,6 +216,7 @@ def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) ->
     step = "compiled" if options.compile else "modules"
     if cpu and options.cpu_kernels is not False:
         kernel = ckernel.load() if w.dtype in ckernel.DTYPES else None
+        would_use = w.dtype in ckernel.DTYPES and bool(fast._packable(module))  # (int8 layers never do)
         packed = _pack(module, options.pack_weights, threads, kernel)
         few = f"1-{ckernel.MAX_ROWS} rows: gpt3zh's C kernel over {threads} thread{'s' * (threads > 1)}"
         if packed:
@@ -225,7 +226,7 @@ def _build(model: GPT, options: InferenceOptions, threads: int, copies: bool) ->
             parts.append(f"oneDNN-packed weights (a {human_bytes(packed)} copy" + (f"; {rows})" if rows else ")"))
         elif (threads > 1 or kernel is not None) and fast.chunk_layers(module, threads, kernel):
             parts.append(few if kernel is not None else f"chunked GEMV over {threads} threads")
-        if w.dtype in ckernel.DTYPES and kernel is None:
+        if would_use and kernel is None:
             parts.append(f"C kernel unavailable: {ckernel.unavailable()}")
         if packed or threads > 1 or kernel is not None:
             step = "lean"

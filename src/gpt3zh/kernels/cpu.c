@@ -122,20 +122,104 @@ static void run_bf16(const uint16_t* w, const float* xf, int64_t n, const uint16
     }
 }
 
-int gpt3zh_kernel_abi(void) { return 3; }
+int gpt3zh_kernel_abi(void) { return 4; }
 
 /* Returns 0, or -1 for a row count outside 1..4 (nothing written). */
+/* ---- GELU, applied to each thread's outputs while they are in its cache ----------------------
+ * erf as torch's vectorized CPU erf computes it (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7),
+ * with a vectorized exp (Cody-Waite reduction, degree-6 polynomial, ~2 ulp); tanh as
+ * 1 - 2 / (exp(2u) + 1). act: 0 none, 1 GELU (erf), 2 GELU (tanh approximation). */
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+
+static inline vf vsel(vi mask, vf a, vf b) {  /* mask lanes -1: a, 0: b */
+    vi ai, bi, r;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    r = (ai & mask) | (bi & ~mask);
+    vf out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+static inline vf vexp(vf x) {
+    const vf hi = (vf){0} + 88.3762626647949f, lo = (vf){0} - 87.3365447504019f;
+    x = vsel(x > hi, hi, x);
+    x = vsel(x < lo, lo, x);
+    const vf shift = (vf){0} + 12582912.f;  /* 1.5 * 2^23: adding it rounds to an integer */
+    vf n = (x * 1.44269504088896341f + shift) - shift;
+    vf r = x - n * 0.693359375f - n * -2.12194440e-4f;
+    vf p = (vf){0} + 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+static inline vf verf(vf z) {
+    vi zi, sign;
+    memcpy(&zi, &z, sizeof zi);
+    sign = zi & (int32_t)0x80000000;
+    vi ai = zi & 0x7fffffff;
+    vf a;
+    memcpy(&a, &ai, sizeof a);
+    const vf t = 1.f / (a * 0.3275911f + 1.f);
+    vf r = t * 1.061405429f - 1.453152027f;
+    r = r * t + 1.421413741f;
+    r = r * t - 0.284496736f;
+    r = r * t + 0.254829592f;
+    vf e = 1.f - r * t * vexp(-(a * a));
+    vi ei;
+    memcpy(&ei, &e, sizeof ei);
+    ei |= sign;
+    memcpy(&e, &ei, sizeof e);
+    return e;
+}
+
+static inline vf vgelu(vf x, int act) {
+    if (act == 1) return 0.5f * x * (1.f + verf(x * 0.70710678118654752f));
+    const vf u = 0.79788456080286536f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (2.f - 2.f / (vexp(2.f * u) + 1.f));
+}
+
+static void activate(float* y, int64_t len, int act) {
+    int64_t i = 0;
+    for (; i + VL <= len; i += VL) {
+        vf v = vgelu(load(y + i), act);
+        memcpy(y + i, &v, sizeof v);
+    }
+    if (i < len) {  /* the tail through a padded vector */
+        float tmp[VL] = {0};
+        memcpy(tmp, y + i, (size_t)(len - i) * sizeof(float));
+        vf v = vgelu(load(tmp), act);
+        memcpy(y + i, &v, (size_t)(len - i) * sizeof(float));
+    }
+}
+
+static void run_act(const float* w, const float* x, int64_t ldx, const float* b, float* y, int64_t m,
+                    int64_t n, int64_t rows, int64_t r0, int64_t r1, int act) {
+    run(w, x, ldx, b, y, m, n, rows, r0, r1);
+    if (act)
+        for (int64_t k = 0; k < rows; k++) activate(y + k * m + r0, r1 - r0, act);
+}
+
+/* y = act(x @ w^T + b). Returns 0, -1 for a row count outside 1..4 or an unknown act (nothing written). */
 int gpt3zh_linear_f32(const float* w, const float* x, int64_t ldx, const float* b, float* y,
-                      int64_t m, int64_t n, int64_t rows, int threads) {
-    if (rows < 1 || rows > 4) return -1;
+                      int64_t m, int64_t n, int64_t rows, int threads, int act) {
+    if (rows < 1 || rows > 4 || act < 0 || act > 2) return -1;
     if (threads <= 1 || m < 64) {
-        run(w, x, ldx, b, y, m, n, rows, 0, m);
+        run_act(w, x, ldx, b, y, m, n, rows, 0, m, act);
         return 0;
     }
     #pragma omp parallel num_threads(threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        run(w, x, ldx, b, y, m, n, rows, m * t / nt, m * (t + 1) / nt);
+        run_act(w, x, ldx, b, y, m, n, rows, m * t / nt, m * (t + 1) / nt, act);
     }
     return 0;
 }
