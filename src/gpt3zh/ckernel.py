@@ -1,10 +1,11 @@
 """gpt3zh's CPU kernels (kernels/cpu.c), compiled on first use.
 
 For one to MAX_ROWS input rows, `linear(x, weight, bias)` streams the weight once at close to the
-machine's read bandwidth (see the C file), in float32 or bfloat16; `attention` is a decode step's
-attention with its KV-cache write in one call (float32). It is built with the machine's C
-compiler (`$CC`, else `cc`) as `-O3 -march=native -fopenmp`, linked against the OpenMP runtime torch has loaded (one
-thread pool for both), checked against F.linear once, and cached under
+machine's read bandwidth (see the C file), in float32 or bfloat16, optionally with GELU applied;
+`attention` is a decode step's attention with its KV-cache write in one call (float32). It is
+built with the machine's C compiler (`$CC`, else `cc`) as `-O3 -march=native -fopenmp`, linked
+against the OpenMP runtime torch has loaded (one thread pool for both), checked against F.linear
+once, and cached under
 `$GPT3ZH_CACHE_DIR/kernels` (default `$XDG_CACHE_HOME/gpt3zh`, `~/.cache/gpt3zh`), keyed by the
 source, compiler, flags, runtime and CPU. Where any of that is missing (no compiler, no OpenMP
 runtime in torch, not Linux, a failed build or check) `load()` returns None and `unavailable()`
@@ -41,7 +42,7 @@ _reason = ""
 
 
 class Kernel:
-    """The loaded library; `linear` calls it."""
+    """The loaded library: `linear` / `run` (few-row linear layers) and `attention` call it."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))
